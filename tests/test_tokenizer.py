@@ -1,0 +1,214 @@
+"""Tests for tokenizer.py: exactness against a brute-force BPE, round-trips, digits, save/load."""
+
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import tokenizer as T  # noqa: E402
+
+SAMPLE_BYTES = 200_000
+VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[str]:
+    return T.tokenizer_training_text(SAMPLE_BYTES, seed=0)
+
+
+@pytest.fixture(scope="module")
+def enc(sample):
+    return T.train_bpe(sample, VOCAB, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# A deliberately naive reference: recount every pair over every chunk at each step.
+# --------------------------------------------------------------------------------------------
+
+def _reference_merge(ids, pair, new):
+    out, i = [], 0
+    while i < len(ids):
+        if tuple(ids[i:i + 2]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def reference_bpe(texts, vocab_size):
+    counts = Counter()
+    for text in texts:
+        counts.update(regex.findall(T.SPLIT_PATTERN, text))
+    chunks = [(list(c.encode("utf-8")), n) for c, n in counts.items()]
+    vocab = [bytes([i]) for i in range(256)]
+    while len(vocab) < vocab_size - len(T.SPECIAL_TOKENS):
+        stats = Counter()
+        for ids, n in chunks:
+            for pair in zip(ids, ids[1:]):
+                stats[pair] += n
+        best = min(stats, key=lambda p: (-stats[p], p))  # most frequent, then lowest ids
+        merged = vocab[best[0]] + vocab[best[1]]
+        if merged in vocab:  # same bytes spelled by another merge: reuse the id
+            new = vocab.index(merged)
+        else:
+            new = len(vocab)
+            vocab.append(merged)
+        chunks = [(_reference_merge(ids, best, new), n) for ids, n in chunks]
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+def test_incremental_trainer_matches_brute_force_reference():
+    prose, code = data.corpus_documents("prose"), data.corpus_documents("code")
+    texts = [prose[0][:2500], code[3][:2500], data.corpus_documents("math")[0],
+             "héllo wörld, 你好世界 🙂🙂 مرحبا  \t\n\n   x = 12345\n" * 3, "aaaaaaa aaaa aaa " * 5]
+    vocab_size = 380
+    fast = T.train_bpe(texts, vocab_size, progress=False)
+    assert fast._mergeable_ranks == reference_bpe(texts, vocab_size)
+
+
+def test_ties_are_broken_by_lowest_pair_ids():
+    # every pair occurs once: the first merge must be the lowest (left, right) byte pair
+    enc = T.train_bpe(["zy", "ba", "dc"], 260, progress=False)
+    assert enc.decode_single_token_bytes(256) == b"ba"
+
+
+# --------------------------------------------------------------------------------------------
+# Properties of a trained tokenizer
+# --------------------------------------------------------------------------------------------
+
+ROUND_TRIP = [
+    "", " ", "\n", "   \t  \n\n\r\n ", "hello world", "Hello, World!  ", "naïve café résumé",
+    "日本語のテキストと中文", "مرحبا بالعالم", "emoji 🙂👍🏽👨‍👩‍👧 flags 🇫🇷", "e\u0301 a\u0308 combining",
+    "\x00\x01\x7f control\x1b[0m", "def f(x):\n    return x ** 2  # square\n\n\n",
+    "12345 + 0.5 = 12345.5; 1e-9; ٣٤٥ ½ ²", "don't I'M you'll they've", "\u200b\u2028\ufeff",
+    "a" * 1000, " " * 257, "<|endoftext|> looks special but is plain text here",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip(enc, text):
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text
+    assert enc.decode_bytes(ids) == text.encode("utf-8")
+
+
+def test_tiktoken_splits_text_like_training_does(enc):
+    # training splits with Python's `regex`, tiktoken with Rust's fancy-regex: they must agree, or
+    # merges would be learned on chunks that encoding never sees
+    texts = ROUND_TRIP + [data.corpus_documents("code")[0][:5000], "x  \n\n  y \n", "a\r\n\r\nb  "]
+    for text in texts:
+        per_chunk = [i for chunk in regex.findall(T.SPLIT_PATTERN, text) for i in enc.encode_ordinary(chunk)]
+        assert enc.encode_ordinary(text) == per_chunk
+
+
+def test_round_trip_random_unicode(enc):
+    rng = random.Random(0)
+    for _ in range(200):
+        points = [rng.choice([rng.randrange(0x20, 0x7f), rng.randrange(0, 0xD800),
+                              rng.randrange(0xE000, 0x110000)]) for _ in range(rng.randrange(30))]
+        text = "".join(map(chr, points))
+        assert enc.decode_bytes(enc.encode_ordinary(text)) == text.encode("utf-8")
+
+
+def test_vocab_size_and_special_ids(enc):
+    assert enc.n_vocab == VOCAB
+    ids = [enc.encode_single_token(t) for t in T.SPECIAL_TOKENS]
+    assert ids == [VOCAB - 3, VOCAB - 2, VOCAB - 1]
+    assert T.eot_id(enc) == VOCAB - 3
+    assert sorted(enc._mergeable_ranks.values()) == list(range(VOCAB - 3))
+
+
+def test_special_tokens_encode_as_single_ids(enc):
+    text = "<|im_start|>user\nhi<|im_end|><|endoftext|>"
+    ids = enc.encode(text, allowed_special="all")
+    assert ids[0] == VOCAB - 2 and ids[-2:] == [VOCAB - 1, VOCAB - 3]
+    assert enc.decode(ids) == text
+    assert not set(enc.encode_ordinary(text)) & {VOCAB - 3, VOCAB - 2, VOCAB - 1}
+
+
+def test_digits_are_split_one_by_one(enc):
+    for tok in enc._mergeable_ranks:
+        # stronger than "never two digits": an ASCII digit never joins anything at all
+        assert len(tok) == 1 or not any(48 <= b <= 57 for b in tok), tok
+    assert len(enc.encode_ordinary("12345")) == 5
+    pieces = [enc.decode([i]) for i in enc.encode_ordinary("pi is 3.14159")]
+    assert pieces[-7:] == ["3", ".", "1", "4", "1", "5", "9"]
+
+
+def test_compression_on_held_out_prose(enc, sample):
+    held_out = [d for d in data.corpus_documents("prose") if not any(d.startswith(s) for s in sample)]
+    assert sum(map(len, held_out)) > 100_000
+    assert T.bytes_per_token(enc, held_out) > 2.5  # measured 2.7; raw bytes would be 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+def test_save_load_identical(enc, tmp_path):
+    path = tmp_path / "tok.json"
+    path.write_text("an older file that must be replaced whole")
+    T.save_tokenizer(enc, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.json"]  # no temporary file left behind
+    loaded = T.load_tokenizer(path)
+    assert loaded._mergeable_ranks == enc._mergeable_ranks
+    assert loaded.n_vocab == enc.n_vocab and loaded.name == enc.name
+    for text in ROUND_TRIP + ["<|im_start|>x<|im_end|>"]:
+        assert loaded.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+
+
+def test_load_missing_file_names_it(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(FileNotFoundError, match="nope.json.*--vocab-size"):
+        T.load_tokenizer(path)
+
+
+def test_load_corrupt_file(enc, tmp_path):
+    path = tmp_path / "tok.json"
+    T.save_tokenizer(enc, path)
+    path.write_text(path.read_text()[:1000])  # truncated mid-write by something else
+    with pytest.raises(ValueError, match="tok.json.*corrupt"):
+        T.load_tokenizer(path)
+    path.write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="corrupt"):
+        T.load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and training text
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab_size", [0, 256, 259])
+def test_bad_vocab_size(vocab_size):
+    with pytest.raises(ValueError, match="vocab_size"):
+        T.train_bpe(["some text"], vocab_size, progress=False)
+
+
+@pytest.mark.parametrize("texts", [[], [""], ["", ""]])
+def test_empty_text(texts):
+    with pytest.raises(ValueError, match="no text"):
+        T.train_bpe(texts, 300, progress=False)
+
+
+def test_text_too_small_for_vocab():
+    with pytest.raises(ValueError, match="too small"):
+        T.train_bpe(["ab ab"], 1000, progress=False)
+
+
+def test_training_text_is_seeded_and_weighted(sample):
+    assert T.tokenizer_training_text(SAMPLE_BYTES, seed=0) == sample
+    assert T.tokenizer_training_text(SAMPLE_BYTES, seed=1) != sample
+    assert SAMPLE_BYTES - 10 <= sum(len(d.encode("utf-8")) for d in sample) <= SAMPLE_BYTES
+    code = data.corpus_documents("code")
+    code_bytes = sum(len(d.encode("utf-8")) for d in sample if any(c.startswith(d) for c in code))
+    assert abs(code_bytes - 0.2 * SAMPLE_BYTES) < 10  # the last document is cut to fit the share
+    # prose (464 kB) is smaller than its share of 2 MB: all of it is taken, and nothing else
+    only_prose = T.tokenizer_training_text(2_000_000, weights={"prose": 0.7, "math": 0.0})
+    assert sorted(only_prose) == sorted(data.corpus_documents("prose"))

@@ -1,0 +1,273 @@
+"""Tokenizer: byte-level BPE, trained here in pure Python, encoded by tiktoken's Rust core.
+
+Byte-level BPE starts from the 256 possible bytes (so any string, in any script, can be encoded)
+and repeatedly merges the most frequent adjacent pair of tokens into a new token. Text is first
+cut into chunks by a regex (words, numbers, punctuation, whitespace) and merges never cross a chunk.
+
+The playbook's findings this file serves: vocabularies of ~50k suit English-only models and 100k+
+multilingual ones, and sizes should be a multiple of 128 (efficient embedding matmuls); digits are
+split one by one, as in the Llama 3 / SmolLM3 tokenizers, so arithmetic always sees single digits.
+Training returns a `tiktoken.Encoding`, so encoding during data preparation is fast Rust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import heapq
+import json
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import regex
+import tiktoken
+from tqdm import tqdm
+
+# GPT-4's (cl100k) pre-tokenizer with `\p{N}` instead of `\p{N}{1,3}+`: every digit is its own
+# chunk, so no merge can ever join two digits.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}"""
+                 r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEFAULT_WEIGHTS = {"prose": 0.7, "code": 0.2, "math": 0.1}
+# 2 MB of budget: all the prose (464 kB, less than its 1.4 MB share) + 400 kB code + 200 kB math.
+# 4096 tokens train in about a second. More budget only adds code and math, which lowers prose
+# compression at small vocabularies; but this sample supports at most ~17k ids, so larger
+# vocabularies need a larger max_bytes (20 MB allows ~44k and still trains in seconds).
+DEFAULT_MAX_BYTES = 2_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def _chunk_counts(texts: Iterable[str]) -> Counter:
+    if isinstance(texts, str):  # a lone string would otherwise be iterated character by character
+        texts = [texts]
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(regex.findall(SPLIT_PATTERN, text))
+    return counts
+
+
+def _merge(ids: list[int], a: int, b: int, new: int) -> list[int]:
+    """Replace every (a, b) in ids by new, left to right (so "aaa" with (a, a) gives [aa, a])."""
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _pop_best(heap: list, pair_counts: dict) -> tuple[int, int] | None:
+    """The most frequent pair, ties broken by the lowest (left id, right id).
+
+    Heap entries go stale when a count drops; a stale entry is re-pushed with its current count
+    when it reaches the top. Every live pair always has an entry whose count is >= its true count
+    (counts only rise through a push), so the first entry that is up to date is the true best."""
+    while heap:
+        neg, a, b = heapq.heappop(heap)
+        current = pair_counts.get((a, b), 0)
+        if current == -neg:
+            return a, b
+        if current > 0:
+            heapq.heappush(heap, (-current, a, b))
+    return None
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, name: str = "nanoplaybook",
+              progress: bool = True) -> tiktoken.Encoding:
+    """Learn a byte-level BPE with exactly `vocab_size` ids: 256 bytes + merges + special tokens.
+
+    Incremental: chunks are deduplicated and weighted by count, pair counts are updated only for
+    the chunks that contain the merged pair (found through an index pair -> chunks), and the best
+    pair comes from a lazily invalidated max-heap, so each merge costs what it touches. Ties go to
+    the lowest (left id, right id), so training is deterministic.
+
+    tiktoken needs unique bytes per rank, but two merges could spell the same bytes, e.g. (a, bc)
+    and (ab, c). With left-to-right merging we never saw it happen (none in 79k merges over the
+    whole corpus); should it, the merge still happens but reuses the existing id and adds no rank,
+    and merging goes on until the vocabulary is exactly full."""
+    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if n_merges < 1:
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + 1 merge), got {vocab_size}")
+    counted = _chunk_counts(texts)
+    if not counted:
+        raise ValueError("train_bpe got no text to train on (empty or no documents)")
+    chunks = [list(chunk.encode("utf-8")) for chunk in counted]
+    weights = list(counted.values())
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for i, ids in enumerate(chunks):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += weights[i]
+            where[pair].add(i)
+    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([i]) for i in range(256)]  # token id -> bytes; the id is also its tiktoken rank
+    ids_of = {tok: i for i, tok in enumerate(vocab)}
+    bar = tqdm(total=n_merges, desc="bpe merges", unit="merge", disable=not progress)
+    while len(vocab) < 256 + n_merges:
+        best = _pop_best(heap, pair_counts)
+        if best is None:
+            bar.close()
+            raise ValueError(f"training text too small for vocab_size={vocab_size}: only "
+                             f"{len(vocab) - 256} merges possible, {n_merges} needed; train on more "
+                             f"text (tokenizer_training_text(max_bytes=...), CLI --max-bytes)")
+        a, b = best
+        merged = vocab[a] + vocab[b]
+        new = ids_of.get(merged)
+        if new is None:  # a genuinely new token (not just a new spelling of an existing one)
+            new = ids_of[merged] = len(vocab)
+            vocab.append(merged)
+            bar.update(1)
+        _apply_merge(best, new, chunks, weights, pair_counts, where, heap)
+    bar.close()
+    ranks = {tok: i for i, tok in enumerate(vocab)}
+    special = {tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special, explicit_n_vocab=vocab_size)
+
+
+def _apply_merge(pair, new, chunks, weights, pair_counts, where, heap) -> None:
+    a, b = pair
+    risen = set()  # only pairs that contain `new` can gain counts; they get fresh heap entries
+    for i in where.pop(pair, ()):
+        ids = chunks[i]
+        merged = _merge(ids, a, b, new)
+        if len(merged) == len(ids):
+            continue  # the index is never pruned, so it may point at chunks that lost the pair
+        w = weights[i]
+        for p in zip(ids, ids[1:]):
+            pair_counts[p] -= w
+        for p in zip(merged, merged[1:]):
+            pair_counts[p] += w
+            where[p].add(i)
+            if new in p:
+                risen.add(p)
+        chunks[i] = merged
+    pair_counts.pop(pair, None)  # every occurrence is merged, so its count is now zero
+    for p in risen:
+        if pair_counts[p] > 0:
+            heapq.heappush(heap, (-pair_counts[p], p[0], p[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, loading, special ids
+# --------------------------------------------------------------------------------------------
+
+def save_tokenizer(enc: tiktoken.Encoding, path) -> None:
+    """Write one JSON file atomically: a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    # tiktoken has no public accessors for these; its README uses the same attributes to extend
+    # an encoding.
+    ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+    if [r for _, r in ranks] != list(range(len(ranks))):
+        raise ValueError("can only save encodings whose mergeable ranks are 0..n-1")
+    payload = {"name": enc.name, "pattern": enc._pat_str,
+               "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks],
+               "special_tokens": dict(enc._special_tokens)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace stays atomic
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_tokenizer(path) -> tiktoken.Encoding:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} not found; train one with "
+                                f"`python tokenizer.py --vocab-size N --out {path}`")
+    try:
+        payload = json.loads(path.read_text())
+        ranks = {base64.b64decode(tok, validate=True): i
+                 for i, tok in enumerate(payload["mergeable_ranks"])}
+        return tiktoken.Encoding(name=payload["name"], pat_str=payload["pattern"],
+                                 mergeable_ranks=ranks,
+                                 special_tokens={k: int(v) for k, v in payload["special_tokens"].items()})
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as e:
+        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise ValueError(f"tokenizer file {path} is corrupt or not a tokenizer file "
+                         f"({type(e).__name__}: {e}); retrain it with `python tokenizer.py`") from e
+
+
+def eot_id(enc: tiktoken.Encoding) -> int:
+    return enc.encode_single_token("<|endoftext|>")
+
+
+# --------------------------------------------------------------------------------------------
+# Training text and CLI
+# --------------------------------------------------------------------------------------------
+
+def tokenizer_training_text(max_bytes: int = DEFAULT_MAX_BYTES, weights: dict[str, float] | None = None,
+                            seed: int = 0) -> list[str]:
+    """Documents of the default corpus, about max_bytes of UTF-8 in all, shared out by weight.
+
+    Each source gets weight/sum(weights) of the budget, filled with its documents in a seeded
+    random order (the last one cut to fit). A source smaller than its share is taken whole and
+    the shortfall is not handed to the others, which would tilt the mix towards code."""
+    import data  # here, not at the top, so that loading a tokenizer never touches the corpus
+
+    weights = DEFAULT_WEIGHTS if weights is None else weights
+    total = sum(weights.values())
+    sample = []
+    for source, weight in sorted(weights.items()):
+        budget = int(max_bytes * weight / total)
+        docs = data.corpus_documents(source)
+        random.Random(f"{seed}:{source}").shuffle(docs)  # str seeds are stable across runs
+        for doc in docs:
+            if budget <= 0:
+                break
+            raw = doc.encode("utf-8")
+            if len(raw) > budget:
+                doc = raw[:budget].decode("utf-8", errors="ignore")
+            sample.append(doc)
+            budget -= len(raw)
+    return sample
+
+
+def bytes_per_token(enc: tiktoken.Encoding, texts: list[str]) -> float:
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return n_bytes / max(1, sum(map(len, enc.encode_ordinary_batch(texts))))
+
+
+def main() -> None:
+    import data
+
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on the default corpus.")
+    parser.add_argument("--vocab-size", type=int, required=True, help="total ids, incl. 256 bytes and specials")
+    parser.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="training sample size")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    try:
+        enc = train_bpe(tokenizer_training_text(args.max_bytes), args.vocab_size)
+    except ValueError as e:  # bad size or too little text: one line, not a traceback
+        parser.error(str(e))
+    seconds = time.perf_counter() - start
+    save_tokenizer(enc, args.out)
+    print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s, saved to {args.out}")
+    print("compression over each whole source:")
+    for source in data.SOURCES:
+        print(f"  {source:>6}: {bytes_per_token(enc, data.corpus_documents(source)):.2f} bytes/token")
+
+
+if __name__ == "__main__":
+    main()

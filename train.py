@@ -1,0 +1,540 @@
+"""Pretraining: one file from config to checkpoints, on a laptop CPU or under torchrun.
+
+    python train.py                                   # configs/tiny.toml, one CPU process
+    python train.py --config configs/tiny.toml --model.n_kv_heads=1 --train.name=mqa
+    torchrun --nproc_per_node=8 train.py --config configs/ablation_1b.toml
+
+The story, top to bottom: read a TOML config and `--section.key=value` overrides into the four
+dataclasses (stopping on any unknown key or bad value before doing work); set up one process or a
+DDP group (gloo on CPU, nccl on GPU); build the tokenizer and shards if missing; build the model
+with the same seed on every rank (identical weights) and then reseed per rank (different
+randomness where it must differ); resume from the latest checkpoint if asked; then loop: one
+global batch per step split into micro-batches, gradient accumulation, clipping, the LR schedule,
+metrics to stdout and runs/<name>/metrics.jsonl (loss, lr, grad_norm, tok/s, MFU), periodic
+validation loss, and checkpoints written to a temporary name and renamed. It ends with the final
+validation loss and a text sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
+from model import ModelConfig, Transformer, count_params, flops_per_token
+from optim import OptimConfig, build_optimizer, describe_groups, lr_at
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny"               # the run folder: <out_dir>/<name>
+    out_dir: str = "runs"
+    max_steps: int = 500
+    micro_batch_size: int = 16       # sequences per forward pass on one rank
+    grad_accum_steps: int = 1        # global batch = micro_batch_size * grad_accum_steps * world_size
+    seq_len: int = 256
+    log_interval: int = 10
+    eval_interval: int = 100         # validation loss every N steps (and at step 0 and the end)
+    eval_batches: int = 8
+    ckpt_interval: int = 250         # a checkpoint every N steps (and at the end); 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False             # continue from the latest checkpoint in the run folder
+    seed: int = 1337
+    device: str = "auto"             # auto | cpu | cuda
+    dtype: str = "auto"              # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
+    compile: str = "auto"            # torch.compile each block: auto (on GPU) | true | false
+    peak_flops: float = 0.0          # per device, for MFU; 0 = look it up from the GPU's name
+    sample_tokens: int = 200         # length of the text sample printed at the end (0: none)
+    threads: int = 0                 # CPU threads per process; 0 = cores / processes
+
+    def __post_init__(self):
+        for k in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval",
+                  "eval_interval", "eval_batches", "keep_checkpoints"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device={self.device!r} must be auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"train.dtype={self.dtype!r} must be auto, float32 or bfloat16")
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"train.compile={self.compile!r} must be auto, true or false")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration: TOML + overrides -> dataclasses, validated before any work
+# --------------------------------------------------------------------------------------------
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _coerce(key: str, value, hint):
+    """Check a TOML value against a dataclass field's type; ints widen to floats, lists to tuples."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, bool)):
+            return str(value).lower() if isinstance(value, bool) else value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(key, v, typing.get_args(hint)[0]) for v in value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): _coerce(key, v, typing.get_args(hint)[1]) for k, v in value.items()}
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be of type {name}, got {value!r} ({type(value).__name__})")
+
+
+def parse_override(arg: str) -> tuple[str, object]:
+    """'--model.n_kv_heads=4' -> ('model.n_kv_heads', 4); values are read as TOML, else as strings."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"cannot read argument {arg!r}; overrides look like --section.key=value, "
+                          f"e.g. --model.n_kv_heads=4")
+    key, raw = arg[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """{"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        configs = sorted(p.name for p in (Path(__file__).parent / "configs").glob("*.toml"))
+        raise ConfigError(f"config file {path} not found; the shipped configs are {configs} in configs/")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    flat = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a table like [model]")
+        for k, v in table.items():
+            flat[f"{section}.{k}"] = v
+    for arg in overrides:
+        k, v = parse_override(arg)
+        flat[k] = v
+    valid = set(_all_keys())
+    for key in flat:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; sections are {list(SECTIONS)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    cfg = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {k.split(".", 1)[1]: _coerce(k, v, hints[k.split(".", 1)[1]])
+                  for k, v in flat.items() if k.startswith(section + ".")}
+        try:
+            cfg[section] = cls(**kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    if cfg["train"].seq_len > cfg["model"].max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg['train'].seq_len} is longer than model.max_seq_len="
+                          f"{cfg['model'].max_seq_len}; lower the first or raise the second")
+    return cfg
+
+
+def config_to_toml(cfg: dict) -> str:
+    """The resolved config as TOML, so any run can be reproduced from its folder."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {fmt(x)}" for k, x in v.items()) + " }"
+        raise TypeError(f"cannot write {v!r} as TOML")
+    out = []
+    for section, obj in cfg.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {fmt(v)}" for k, v in dataclasses.asdict(obj).items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def config_dict(cfg: dict) -> dict:
+    return {s: dataclasses.asdict(obj) for s, obj in cfg.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed setup, devices, MFU
+# --------------------------------------------------------------------------------------------
+
+# Dense bf16 peak FLOP/s per device (no sparsity), for MFU; matched against the GPU's name.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
+              "A800": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops_per_device(device: torch.device, configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def setup_distributed(tcfg: TrainConfig) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from torchrun's environment, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
+    if tcfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, local_rank, world, device
+
+
+def all_reduce_mean(x: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+# Keys that may change between stages of one run: long-context extension raises max_seq_len and
+# the RoPE base (ABF), and the attention kernel does not change the math.
+RESUMABLE_MODEL_CHANGES = {"max_seq_len", "rope_base", "attn_backend"}
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("ckpt_*.pt"))
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dict, tokens: int,
+                    rng_states: list[dict], keep: int) -> Path:
+    """Everything a resumed run needs to continue exactly: written to a temporary file, then
+    renamed, so a crash mid-write never leaves a broken or half-overwritten checkpoint."""
+    path = run_dir / f"ckpt_{step:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"step": step, "tokens": tokens, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "loader": loader.state_dict(), "rng": rng_states, "config": config_dict(cfg)}, tmp)
+    os.replace(tmp, path)
+    for old in checkpoint_paths(run_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
+    """Stop with one line if the checkpoint's model cannot be the current config's model."""
+    now = config_dict(cfg)["model"]
+    for k, v in saved["model"].items():
+        if k not in RESUMABLE_MODEL_CHANGES and now.get(k) != v:
+            raise ConfigError(f"cannot resume from {path}: model.{k} is {v!r} in the checkpoint but "
+                              f"{now.get(k)!r} now; resume with the checkpoint's value or start a new "
+                              f"run with another --train.name")
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn or foreign file: say which one and how to recover
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume "
+                          f"from the one before") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and sampling
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int, device, autocast) -> float:
+    """Mean validation loss over the same n_batches every time (the loader restarts at sample 0)."""
+    model.eval()
+    loader.load_state_dict({"samples": 0, "counts": {}})
+    losses = []
+    for _ in range(n_batches):
+        x, y, doc = loader.next_step(micro_batch_size, 1)[0]
+        with autocast:
+            loss, _ = model(x.to(device), y.to(device), doc.to(device))
+        losses.append(loss.item())
+    model.train()
+    return all_reduce_mean(sum(losses) / len(losses), device)
+
+
+def sample_text(model: Transformer, enc, prompts: list[str], max_new_tokens: int, device, seed: int) -> list[str]:
+    from tokenizer import eot_id
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([enc.encode_ordinary(prompt)], device=device)
+        n = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
+        toks = model.generate(ids, n, temperature=0.8, top_k=50, eos_id=eot_id(enc), generator=gen)
+        out.append(enc.decode(toks[0].tolist()).replace("<|endoftext|>", ""))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def train(cfg: dict) -> dict:
+    """Run (or resume) the configured training; returns a summary of the final figures."""
+    mcfg, dcfg, ocfg, tcfg = cfg["model"], cfg["data"], cfg["optim"], cfg["train"]
+    rank, local_rank, world, device = setup_distributed(tcfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    run_dir = Path(tcfg.out_dir) / tcfg.name
+    ckpts = checkpoint_paths(run_dir)
+    if ckpts and not tcfg.resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints; continue it with --train.resume=true, "
+                          f"or pick a new --train.name (nothing there was touched)")
+    if tcfg.resume and not ckpts:
+        log(f"train.resume: no checkpoint in {run_dir} yet, starting fresh")
+
+    # Data first (rank 0 builds, others wait), so a missing or broken corpus stops before the model.
+    from tokenizer import eot_id
+    try:
+        if master:
+            enc = prepare_data(dcfg, mcfg.vocab_size, log)
+        if world > 1:
+            dist.barrier()
+        if not master:
+            enc = prepare_data(dcfg, mcfg.vocab_size, log)
+        fingerprint = tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size))
+        shard_dir = dcfg.shard_dir(mcfg.vocab_size)
+        loader, val_loader = (MixtureLoader(shard_dir, dcfg.weights, split, tcfg.seq_len, dcfg.seed, eot_id(enc),
+                                            rank, world, fingerprint) for split in ("train", "val"))
+    except (ValueError, RuntimeError) as e:  # empty corpus, truncated shard, stale tokenizer...
+        raise ConfigError(str(e)) from e
+
+    saved = None
+    if tcfg.resume and ckpts:
+        saved = load_checkpoint(ckpts[-1])
+        check_resumable(saved["config"], cfg, ckpts[-1])
+
+    # Same seed on every rank for the weights, then a per-rank seed for everything random after.
+    torch.manual_seed(tcfg.seed)
+    model = Transformer(mcfg).to(device)
+    torch.manual_seed(tcfg.seed + rank)
+    random.seed(tcfg.seed + rank)
+    np.random.seed((tcfg.seed + rank) % 2 ** 32)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[tcfg.dtype]
+    # Master weights and optimizer state stay float32; autocast runs matmuls in bf16.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    optimizer = build_optimizer(model, ocfg)
+    start_step, tokens = 0, 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        loader.load_state_dict(saved["loader"])
+        start_step, tokens = saved["step"], saved["tokens"]
+        if len(saved["rng"]) == world:
+            set_rng_state(saved["rng"][rank])
+        else:
+            log(f"note: checkpoint was written by {len(saved['rng'])} ranks, resuming on {world}: RNG reseeded")
+    if tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda"):
+        for block in model.blocks:
+            block.compile()
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    metrics = open(run_dir / "metrics.jsonl", "a") if master else None
+
+    def record(row: dict):
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    global_batch = tcfg.micro_batch_size * tcfg.grad_accum_steps * world
+    tokens_per_step = global_batch * tcfg.seq_len
+    fpt = flops_per_token(mcfg, tcfg.seq_len)
+    peak = peak_flops_per_device(device, tcfg.peak_flops)
+    log(f"model: {count_params(mcfg):,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, "
+        f"{mcfg.n_heads} heads / {mcfg.n_kv_heads} KV heads, {'tied' if mcfg.tie_embeddings else 'untied'} embeddings)")
+    log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
+    log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
+        f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
+    log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {global_batch} x {tcfg.seq_len} = "
+        f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
+
+    val_loss = None
+    if start_step == 0:
+        val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
+        record({"step": 0, "tokens": 0, "val_loss": val_loss})
+        log(f"step {0:>6} | val_loss {val_loss:.4f}")
+
+    t_last, tokens_last = time.time(), tokens
+    for step in range(start_step, tcfg.max_steps):
+        lr = lr_at(step, ocfg, tcfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
+        micro_batches = loader.next_step(tcfg.micro_batch_size, tcfg.grad_accum_steps)
+        for i, (x, y, doc) in enumerate(micro_batches):
+            x, y, doc = x.to(device, non_blocking=True), y.to(device, non_blocking=True), doc.to(device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients on every backward unless told not to: only the last
+            # micro-batch of a step needs to.
+            sync = train_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+            with sync, autocast:
+                loss, parts = train_model(x, y, doc)
+                (loss / len(micro_batches)).backward()
+            parts_sum["loss"] += loss.item() / len(micro_batches)
+            parts_sum["ce"] += parts["ce"].item() / len(micro_batches)
+            parts_sum["z_loss"] += parts["z_loss"].item() / len(micro_batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += tokens_per_step
+        done = step + 1
+
+        if done % tcfg.log_interval == 0 or done == tcfg.max_steps:
+            loss_avg = all_reduce_mean(parts_sum["loss"], device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.time() - t_last
+            tok_per_s = (tokens - tokens_last) / max(elapsed, 1e-9)
+            row = {"step": done, "tokens": tokens, "loss": loss_avg, "ce": all_reduce_mean(parts_sum["ce"], device),
+                   "z_loss": all_reduce_mean(parts_sum["z_loss"], device), "lr": lr,
+                   "grad_norm": float(grad_norm), "tok_per_s": tok_per_s}
+            if peak:
+                row["mfu"] = tok_per_s * fpt / (peak * world)
+            record(row)
+            mfu = f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+            log(f"step {done:>6} | loss {loss_avg:.4f} | lr {lr:.2e} | grad_norm {row['grad_norm']:.3f} | "
+                f"{tok_per_s:,.0f} tok/s{mfu}")
+            t_last, tokens_last = time.time(), tokens
+
+        if done % tcfg.eval_interval == 0 or done == tcfg.max_steps:
+            val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
+            record({"step": done, "tokens": tokens, "val_loss": val_loss})
+            log(f"step {done:>6} | val_loss {val_loss:.4f}")
+        if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == tcfg.max_steps:
+            rng_states = gather_rng_states()
+            if master:
+                path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, rng_states,
+                                       tcfg.keep_checkpoints)
+                log(f"saved {path}")
+            t_last = time.time()  # checkpoint and eval time is not training throughput
+
+    summary = {"run_dir": str(run_dir), "steps": tcfg.max_steps, "tokens": tokens, "val_loss": val_loss}
+    if master and tcfg.sample_tokens:
+        samples = sample_text(model, enc, ["The ", "def ", "Question: "], tcfg.sample_tokens, device, tcfg.seed)
+        (run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
+        log("\n----- samples -----\n" + "\n\n----\n\n".join(samples) + "\n-------------------")
+    if metrics:
+        metrics.close()
+    if val_loss is not None:
+        log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint's step: they will be logged again."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, overrides = None, []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_path = next(it, None)
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            print(__doc__ + "\nConfig keys:\n  " + "\n  ".join(_all_keys()))
+            return
+        else:
+            overrides.append(arg)
+    try:
+        cfg = load_config(config_path, overrides)
+        train(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
