@@ -315,17 +315,23 @@ def load_checkpoint(path: Path) -> dict:
 
 @torch.no_grad()
 def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int, device, autocast) -> float:
-    """Mean validation loss over the same n_batches every time (the loader restarts at sample 0)."""
+    """Mean validation loss over the same n_batches batches every time, whatever the world size:
+    the loader restarts at sample 0 and batch i is scored by rank i % world_size."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     model.eval()
     loader.load_state_dict({"samples": 0, "counts": {}})
-    losses = []
-    for _ in range(n_batches):
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses, batch count
+    for i in range(n_batches):
         x, y, doc = loader.next_step(micro_batch_size, 1)[0]
-        with autocast:
-            loss, _ = model(x.to(device), y.to(device), doc.to(device))
-        losses.append(loss.item())
+        if i % world == rank:
+            with autocast:
+                loss, _ = model(x.to(device), y.to(device), doc.to(device))
+            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
     model.train()
-    return all_reduce_mean(sum(losses) / len(losses), device)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def sample_text(model: Transformer, enc, prompts: list[str], max_new_tokens: int, device, seed: int) -> list[str]:
@@ -349,6 +355,9 @@ def train(cfg: dict) -> dict:
     """Run (or resume) the configured training; returns a summary of the final figures."""
     mcfg, dcfg, ocfg, tcfg = cfg["model"], cfg["data"], cfg["optim"], cfg["train"]
     rank, local_rank, world, device = setup_distributed(tcfg)
+    if mcfg.attn_backend == "flex" and device.type == "cpu":
+        raise ConfigError("model.attn_backend='flex' cannot train on CPU (flex_attention has no CPU backward); "
+                          "use --model.attn_backend=sdpa on CPU")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     run_dir = Path(tcfg.out_dir) / tcfg.name
@@ -370,8 +379,11 @@ def train(cfg: dict) -> dict:
             enc = prepare_data(dcfg, mcfg.vocab_size, log)
         fingerprint = tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size))
         shard_dir = dcfg.shard_dir(mcfg.vocab_size)
-        loader, val_loader = (MixtureLoader(shard_dir, dcfg.weights, split, tcfg.seq_len, dcfg.seed, eot_id(enc),
-                                            rank, world, fingerprint) for split in ("train", "val"))
+        loader = MixtureLoader(shard_dir, dcfg.weights, "train", tcfg.seq_len, dcfg.seed, eot_id(enc), rank, world,
+                               fingerprint)
+        # every rank walks the whole validation sequence; evaluate() deals its batches out
+        val_loader = MixtureLoader(shard_dir, dcfg.weights, "val", tcfg.seq_len, dcfg.seed, eot_id(enc),
+                                   fingerprint=fingerprint)
     except (ValueError, RuntimeError) as e:  # empty corpus, truncated shard, stale tokenizer...
         raise ConfigError(str(e)) from e
 

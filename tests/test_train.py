@@ -1,0 +1,139 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+from train import ConfigError, checkpoint_paths, load_config, parse_override, train
+
+
+def run(small_data, out, name, **extra):
+    cfg = load_config(None, tiny_overrides(small_data[0], out, name, **extra))
+    return train(cfg)
+
+
+def losses(run_dir: Path, key="loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.pt"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_default_config_loads_and_overrides_apply():
+    cfg = load_config(None, ["--model.n_kv_heads=1", "--train.name=mqa", "--optim.betas=[0.9, 0.99]",
+                             '--data.weights={ prose = 1.0 }'])
+    assert cfg["model"].n_kv_heads == 1 and cfg["train"].name == "mqa"
+    assert cfg["optim"].betas == (0.9, 0.99) and cfg["data"].weights == {"prose": 1.0}
+    assert parse_override("--optim.lr=3e-4") == ("optim.lr", 3e-4)
+    assert parse_override("--train.name=my-run") == ("train.name", "my-run")  # bare strings are fine
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.n_kv_head'; did you mean model.n_kv_heads\?"):
+        load_config(None, ["--model.n_kv_head=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer.lr'"):
+        load_config(None, ["--optimizer.lr=1e-3"])
+
+
+def test_bad_values_stop_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="n_heads=8 is not divisible by model.n_kv_heads=3"):
+        load_config(None, ["--model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match="train.seq_len=1024 is longer than model.max_seq_len=256"):
+        load_config(None, ["--train.seq_len=1024"])
+    with pytest.raises(ConfigError, match="model.n_layers must be of type int, got 'four'"):
+        load_config(None, ["--model.n_layers=four"])
+    with pytest.raises(ConfigError, match="config file .*nope.toml not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nd_model = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_cli_prints_one_clear_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model.n_kv_head=2"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: unknown config key 'model.n_kv_head'; did you mean model.n_kv_heads?"]
+
+
+# ---------------------------------------------------------------------------------------------
+# training, checkpoints, resume
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(small_data, tmp_path):
+    full = run(small_data, tmp_path, "full")
+    run(small_data, tmp_path, "split", **{"train.max_steps": 3})    # stops at 3, checkpoint at 3
+    run(small_data, tmp_path, "split", **{"train.resume": True})    # continues to 6
+    a, b = losses(Path(full["run_dir"])), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert a == b  # bit-for-bit: model, optimizer, loader and RNG state all came back
+    assert losses(Path(full["run_dir"]), "val_loss") == losses(tmp_path / "split", "val_loss")
+    assert a[6] < a[1]
+    assert not list((tmp_path / "split").glob("*.tmp"))
+
+
+def test_existing_run_is_never_overwritten(small_data, tmp_path):
+    run(small_data, tmp_path, "keep", **{"train.max_steps": 3})
+    before = digest(tmp_path / "keep")
+    with pytest.raises(ConfigError, match="already holds checkpoints; continue it with --train.resume=true"):
+        run(small_data, tmp_path, "keep")
+    with pytest.raises(ConfigError, match="model.n_layers is 2 in the checkpoint but 3 now"):
+        run(small_data, tmp_path, "keep", **{"train.resume": True, "model.n_layers": 3})
+    assert digest(tmp_path / "keep") == before
+
+
+def test_keeps_only_the_newest_checkpoints(small_data, tmp_path):
+    run(small_data, tmp_path, "rot", **{"train.ckpt_interval": 1, "train.keep_checkpoints": 2})
+    assert [p.name for p in checkpoint_paths(tmp_path / "rot")] == ["ckpt_0000005.pt", "ckpt_0000006.pt"]
+    saved = torch.load(tmp_path / "rot" / "ckpt_0000006.pt", weights_only=False)
+    assert saved["step"] == 6 and saved["config"]["model"]["d_model"] == 64
+    assert {"model", "optimizer", "loader", "rng", "tokens"} <= set(saved)
+    assert (tmp_path / "rot" / "config.toml").read_text() == (tmp_path / "rot" / "config.toml").read_text()
+    assert load_config(tmp_path / "rot" / "config.toml")["model"].d_model == 64  # resolved config reloads
+
+
+def test_truncated_shard_stops_the_run_with_one_line(small_data, tmp_path):
+    import shutil
+    cfg = small_data[0]
+    data_copy = tmp_path / "data"
+    shutil.copytree(cfg.dir, data_copy)
+    shard = next((data_copy / "vocab512").rglob("code_train_000.bin"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    args = tiny_overrides(cfg, tmp_path, "trunc", **{"data.dir": str(data_copy)})
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: shard ") and "truncated or corrupt" in last and "rebuild" in last
+    assert not (tmp_path / "trunc").exists() or not checkpoint_paths(tmp_path / "trunc")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(small_data, tmp_path):
+    """DDP on 2 CPU processes (micro-batch 4 each) == 1 process with 2 micro-batches of 4."""
+    cfg = small_data[0]
+    run(small_data, tmp_path, "one", **{"train.grad_accum_steps": 2})
+    args = tiny_overrides(cfg, tmp_path, "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5)
+    va, vb = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
+    for step in va:
+        assert vb[step] == pytest.approx(va[step], abs=1e-5)
