@@ -119,10 +119,13 @@ def _coerce(key: str, value, hint):
 
 
 def parse_override(arg: str) -> tuple[str, object]:
-    """'--model.n_kv_heads=4' -> ('model.n_kv_heads', 4); values are read as TOML, else as strings."""
-    if not arg.startswith("--") or "=" not in arg:
+    """'--model.n_kv_heads=4' -> ('model.n_kv_heads', 4); values are read as TOML, else as strings.
+    A bare '--train.resume' means true."""
+    if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
         raise ConfigError(f"cannot read argument {arg!r}; overrides look like --section.key=value, "
                           f"e.g. --model.n_kv_heads=4")
+    if "=" not in arg:
+        return arg[2:], True
     key, raw = arg[2:].split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]

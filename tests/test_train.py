@@ -37,6 +37,9 @@ def test_default_config_loads_and_overrides_apply():
     assert cfg["optim"].betas == (0.9, 0.99) and cfg["data"].weights == {"prose": 1.0}
     assert parse_override("--optim.lr=3e-4") == ("optim.lr", 3e-4)
     assert parse_override("--train.name=my-run") == ("train.name", "my-run")  # bare strings are fine
+    assert parse_override("--train.resume") == ("train.resume", True)
+    with pytest.raises(ConfigError, match="overrides look like --section.key=value"):
+        parse_override("max_steps=3")
 
 
 def test_unknown_key_names_the_closest_valid_key():
