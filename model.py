@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from attention import BACKENDS, CausalSelfAttention, KVCache, build_attention_mask, rope_frequencies
 
@@ -141,6 +142,73 @@ def cross_entropy_with_z_loss(logits: torch.Tensor, targets: torch.Tensor,
     return loss, {"ce": ce.detach(), "z_loss": z_loss.detach()}
 
 
+LOSS_CHUNK_TOKENS = 4096  # rows of logits alive at once in the fused loss (4096 x 128k fp32 = 2 GiB)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Output projection + cross-entropy + z-loss without ever holding all logits.
+
+    With a 128k vocabulary, B*T x V float32 logits are the largest tensor of the step (8 GiB at
+    micro-batch 4 x 4096). Here the logits of LOSS_CHUNK_TOKENS rows at a time are formed, turned
+    into their loss and, in the same pass, into the gradients of h and of the weight, then freed.
+    Backward only scales the stored gradients. The FLOPs are those of the plain version."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, z_loss_coef):
+        compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
+        valid = targets != -100
+        n = valid.sum().clamp(min=1)
+        grad_h = torch.empty_like(h_c)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
+                rows = slice(start, start + LOSS_CHUNK_TOKENS)
+                logits = (h_c[rows] @ w_c.t()).float()
+                t, v = targets[rows], valid[rows].float()
+                log_z = torch.logsumexp(logits, dim=-1)
+                probs = torch.exp(logits - log_z[:, None])
+                ce_sum += ((log_z - logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)) * v).sum()
+                z_sum += (log_z.pow(2) * v).sum()
+                # d(ce)/d(logits) = softmax - onehot; d(z * log_z^2)/d(logits) = 2 z log_z softmax
+                grad_logits = probs * (1 + 2 * z_loss_coef * log_z)[:, None]
+                grad_logits.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(log_z)[:, None])
+                grad_logits *= (v / n)[:, None]
+                grad_logits = grad_logits.to(compute_dtype)
+                grad_h[rows] = grad_logits @ w_c
+                grad_w += (grad_logits.t() @ h_c[rows]).float()
+        ce, z_loss = ce_sum / n, z_sum / n
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return ce + z_loss_coef * z_loss, ce, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.h_dtype), (grad_w * grad_loss).to(ctx.w_dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         z_loss_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """cross_entropy_with_z_loss(h @ weight.T, targets) computed chunk by chunk (same values and
+    gradients); h is (N, d), targets (N,). Without gradients it is a plain chunked loop."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        loss, ce, z_loss = _ChunkedLinearCrossEntropy.apply(h, weight, targets, z_loss_coef)
+        return loss, {"ce": ce.detach(), "z_loss": z_loss.detach()}
+    n = (targets != -100).sum().clamp(min=1)
+    ce = z = 0.0
+    for start in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
+        rows = slice(start, start + LOSS_CHUNK_TOKENS)
+        _, parts = cross_entropy_with_z_loss(h[rows] @ weight.t(), targets[rows], 0.0)
+        k = (targets[rows] != -100).sum()
+        ce, z = ce + parts["ce"] * k, z + parts["z_loss"] * k
+    ce, z = ce / n, z / n
+    return ce + z_loss_coef * z, {"ce": ce, "z_loss": z}
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,6 +219,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, seen by both
+        self.activation_checkpointing = False  # set by train.py; recompute blocks in backward
         cos, sin = rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -180,13 +249,15 @@ class Transformer(nn.Module):
             self.cfg.attn_backend, doc_ids, B, T, idx.device)
         x = self.embed_tokens(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, kv_cache)
+            if self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.lm_head(self.norm(x))
         if targets is None:
-            return logits
-        return cross_entropy_with_z_loss(logits, targets, self.cfg.z_loss_coef)
+            return self.lm_head(self.norm(x))
+        return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, self.cfg.z_loss_coef)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

@@ -61,6 +61,8 @@ class TrainConfig:
     peak_flops: float = 0.0          # per device, for MFU; 0 = look it up from the GPU's name
     sample_tokens: int = 200         # length of the text sample printed at the end (0: none)
     threads: int = 0                 # CPU threads per process; 0 = cores / processes
+    parallelism: str = "ddp"         # ddp (replicated weights) | fsdp (FSDP2: sharded weights, grads, optimizer)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
     def __post_init__(self):
         for k in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval",
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"train.dtype={self.dtype!r} must be auto, float32 or bfloat16")
         if self.compile not in ("auto", "true", "false"):
             raise ValueError(f"train.compile={self.compile!r} must be auto, true or false")
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallelism={self.parallelism!r} must be ddp or fsdp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,8 +236,19 @@ def setup_distributed(tcfg: TrainConfig) -> tuple[int, int, int, torch.device]:
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if world == 1 and tcfg.parallelism == "fsdp" and "MASTER_ADDR" not in os.environ:
+        # fully_shard needs a process group even for one process (e.g. to resume a sharded run)
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    if world > 1 or tcfg.parallelism == "fsdp":
+        # A rank that dies makes the others' next collective fail after this timeout instead of
+        # hanging for the default 30+ minutes; torchrun then stops the whole job.
+        from datetime import timedelta
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=timedelta(minutes=10))
     return rank, local_rank, world, device
 
 
@@ -255,7 +270,9 @@ RESUMABLE_MODEL_CHANGES = {"max_seq_len", "rope_base", "attn_backend"}
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("ckpt_*.pt"))
+    """Complete checkpoints, oldest first: ckpt_<step>.pt files (one process or DDP) and
+    ckpt_<step>/ folders (FSDP, one shard per rank, torch.distributed.checkpoint format)."""
+    return sorted((p for p in run_dir.glob("ckpt_*") if p.suffix in (".pt", "")), key=lambda p: p.stem)
 
 
 def rng_state() -> dict:
@@ -280,16 +297,39 @@ def gather_rng_states() -> list[dict]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dict, tokens: int,
-                    rng_states: list[dict], keep: int) -> Path:
-    """Everything a resumed run needs to continue exactly: written to a temporary file, then
-    renamed, so a crash mid-write never leaves a broken or half-overwritten checkpoint."""
-    path = run_dir / f"ckpt_{step:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"step": step, "tokens": tokens, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "loader": loader.state_dict(), "rng": rng_states, "config": config_dict(cfg)}, tmp)
-    os.replace(tmp, path)
-    for old in checkpoint_paths(run_dir)[:-keep]:
-        old.unlink()
+                    keep: int, sharded: bool) -> Path:
+    """Everything a resumed run needs to continue exactly, written under a temporary name and then
+    renamed, so a crash mid-write never leaves a broken or half-overwritten checkpoint.
+
+    Sharded (FSDP): every rank writes its own shards with torch.distributed.checkpoint, which can
+    be read back by any number of ranks (it reshards on load). Otherwise rank 0 writes one file."""
+    meta = {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": gather_rng_states(),
+            "config": config_dict(cfg)}
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if sharded:
+        import shutil
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        path, tmp = run_dir / f"ckpt_{step:07d}", run_dir / f"ckpt_{step:07d}.tmp"
+        if master and tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        if master:
+            torch.save(meta, tmp / "meta.pt")
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        dist.barrier()
+    else:
+        path, tmp = run_dir / f"ckpt_{step:07d}.pt", run_dir / f"ckpt_{step:07d}.pt.tmp"
+        if master:
+            torch.save({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+            os.replace(tmp, path)
+    if master:
+        for old in checkpoint_paths(run_dir)[:-keep]:
+            old.unlink() if old.is_file() else __import__("shutil").rmtree(old)
     return path
 
 
@@ -304,11 +344,28 @@ def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint's metadata (and, for a .pt file, its model and optimizer states)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False)
     except Exception as e:  # a torn or foreign file: say which one and how to recover
         raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume "
                           f"from the one before") from e
+
+
+def restore_weights(path: Path, saved: dict, model, optimizer) -> None:
+    """Load model and optimizer state into the (possibly sharded) model, from either format."""
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    elif any(getattr(p, "device_mesh", None) is not None for p in model.parameters()):
+        raise ConfigError(f"{path} was written without FSDP; resume it with --train.parallelism=ddp "
+                          f"(sharded runs write ckpt_<step>/ folders)")
+    else:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,20 +376,23 @@ def load_checkpoint(path: Path) -> dict:
 @torch.no_grad()
 def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int, device, autocast) -> float:
     """Mean validation loss over the same n_batches batches every time, whatever the world size:
-    the loader restarts at sample 0 and batch i is scored by rank i % world_size."""
+    the loader restarts at sample 0 and batch i is scored by rank i % world_size. Ranks run the
+    same number of forward passes (FSDP needs every rank in every forward), padding with a repeat
+    that is not counted."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     model.eval()
     loader.load_state_dict({"samples": 0, "counts": {}})
+    batches = [loader.next_step(micro_batch_size, 1)[0] for _ in range(n_batches)]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses, batch count
-    for i in range(n_batches):
-        x, y, doc = loader.next_step(micro_batch_size, 1)[0]
-        if i % world == rank:
-            with autocast:
-                loss, _ = model(x.to(device), y.to(device), doc.to(device))
+    for i in range(rank, -(-n_batches // world) * world, world):
+        x, y, doc = batches[min(i, n_batches - 1)]
+        with autocast:
+            loss, _ = model(x.to(device), y.to(device), doc.to(device))
+        if i < n_batches:
             total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
     model.train()
-    if world > 1:
+    if dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -403,26 +463,37 @@ def train(cfg: dict) -> dict:
     np.random.seed((tcfg.seed + rank) % 2 ** 32)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[tcfg.dtype]
-    # Master weights and optimizer state stay float32; autocast runs matmuls in bf16.
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model.activation_checkpointing = tcfg.activation_checkpointing
+    if tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda"):
+        for block in model.blocks:
+            block.compile()  # per block: one graph compiled once, reused by every layer
+    sharded = tcfg.parallelism == "fsdp"
+    train_model = model
+    if sharded:
+        # FSDP2: each block's parameters are one all-gathered unit, the root holds the rest
+        # (embeddings, final norm). bf16 parameters for compute, float32 master weights and
+        # float32 gradient reduction; the optimizer then sees only this rank's shard.
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    # DDP / one process: float32 master weights, autocast runs the matmuls in bf16. FSDP casts
+    # parameters itself.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded)
     optimizer = build_optimizer(model, ocfg)
     start_step, tokens = 0, 0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        restore_weights(ckpts[-1], saved, model, optimizer)
         loader.load_state_dict(saved["loader"])
         start_step, tokens = saved["step"], saved["tokens"]
         if len(saved["rng"]) == world:
             set_rng_state(saved["rng"][rank])
         else:
             log(f"note: checkpoint was written by {len(saved['rng'])} ranks, resuming on {world}: RNG reseeded")
-    if tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda"):
-        for block in model.blocks:
-            block.compile()
-    train_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -460,21 +531,35 @@ def train(cfg: dict) -> dict:
             group["lr"] = lr
         parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
         micro_batches = loader.next_step(tcfg.micro_batch_size, tcfg.grad_accum_steps)
-        for i, (x, y, doc) in enumerate(micro_batches):
-            x, y, doc = x.to(device, non_blocking=True), y.to(device, non_blocking=True), doc.to(device, non_blocking=True)
-            last = i == len(micro_batches) - 1
-            # DDP all-reduces gradients on every backward unless told not to: only the last
-            # micro-batch of a step needs to.
-            sync = train_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-            with sync, autocast:
-                loss, parts = train_model(x, y, doc)
-                (loss / len(micro_batches)).backward()
-            parts_sum["loss"] += loss.item() / len(micro_batches)
-            parts_sum["ce"] += parts["ce"].item() / len(micro_batches)
-            parts_sum["z_loss"] += parts["z_loss"].item() / len(micro_batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            for i, (x, y, doc) in enumerate(micro_batches):
+                x, y, doc = (t.to(device, non_blocking=True) for t in (x, y, doc))
+                last = i == len(micro_batches) - 1
+                # Gradients are reduced across ranks on every backward unless told not to: only
+                # the last micro-batch of a step needs to.
+                sync = contextlib.nullcontext()
+                if sharded:
+                    model.set_requires_gradient_sync(last)
+                elif world > 1 and not last:
+                    sync = train_model.no_sync()
+                with sync, autocast:
+                    loss, parts = train_model(x, y, doc)
+                    (loss / len(micro_batches)).backward()
+                parts_sum["loss"] += loss.item() / len(micro_batches)
+                parts_sum["ce"] += parts["ce"].item() / len(micro_batches)
+                parts_sum["z_loss"] += parts["z_loss"].item() / len(micro_batches)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError as e:
+            raise ConfigError(
+                f"out of GPU memory at step {step + 1} ({count_params(mcfg) / 1e9:.2f}B parameters, micro-batch "
+                f"{tcfg.micro_batch_size} x {tcfg.seq_len} tokens, parallelism={tcfg.parallelism}); lower "
+                f"train.micro_batch_size (raise train.grad_accum_steps to keep the global batch), set "
+                f"train.activation_checkpointing=true, use train.parallelism=fsdp, or shorten train.seq_len") from e
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
         tokens += tokens_per_step
         done = step + 1
 
@@ -500,23 +585,28 @@ def train(cfg: dict) -> dict:
             record({"step": done, "tokens": tokens, "val_loss": val_loss})
             log(f"step {done:>6} | val_loss {val_loss:.4f}")
         if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == tcfg.max_steps:
-            rng_states = gather_rng_states()
-            if master:
-                path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, rng_states,
-                                       tcfg.keep_checkpoints)
-                log(f"saved {path}")
+            path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded)
+            log(f"saved {path}")
             t_last = time.time()  # checkpoint and eval time is not training throughput
 
     summary = {"run_dir": str(run_dir), "steps": tcfg.max_steps, "tokens": tokens, "val_loss": val_loss}
+    sample_model = model
+    if sharded and tcfg.sample_tokens:
+        # generation is sequential and small: gather the full weights into a plain model on rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            sample_model = Transformer(mcfg).to(device)
+            sample_model.load_state_dict(full)
     if master and tcfg.sample_tokens:
-        samples = sample_text(model, enc, ["The ", "def ", "Question: "], tcfg.sample_tokens, device, tcfg.seed)
+        samples = sample_text(sample_model, enc, ["The ", "def ", "Question: "], tcfg.sample_tokens, device, tcfg.seed)
         (run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
         log("\n----- samples -----\n" + "\n\n----\n\n".join(samples) + "\n-------------------")
     if metrics:
         metrics.close()
     if val_loss is not None:
         log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 

@@ -158,3 +158,28 @@ def test_config_errors_name_the_problem():
     m = Transformer(tiny_cfg(max_seq_len=16))
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=16"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("z_loss_coef", [0.0, 1e-2])
+def test_chunked_linear_cross_entropy_equals_full_logits(monkeypatch, z_loss_coef):
+    """The fused loss never holds all logits, yet gives the same loss and gradients as
+    materialising them (chunks of 5 rows here, so several chunks and a ragged last one)."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_TOKENS", 5)
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (23,))
+    targets[[0, 7, 22]] = -100
+    ref_loss, ref_parts = cross_entropy_with_z_loss(h @ w.t(), targets, z_loss_coef)
+    ref_loss.backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, parts = model_module.linear_cross_entropy(h, w, targets, z_loss_coef)
+    (2.0 * loss).backward()  # the upstream gradient is applied, not assumed to be 1
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(parts["z_loss"], ref_parts["z_loss"])
+    torch.testing.assert_close(h.grad, 2 * ref_gh)
+    torch.testing.assert_close(w.grad, 2 * ref_gw)
+    with torch.no_grad():  # the evaluation path
+        torch.testing.assert_close(model_module.linear_cross_entropy(h, w, targets, z_loss_coef)[0], ref_loss)

@@ -140,3 +140,39 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(small_d
     va, vb = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
     for step in va:
         assert vb[step] == pytest.approx(va[step], abs=1e-5)
+
+
+def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                          str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_one_process_and_checkpoints_reshard(small_data, tmp_path):
+    """FSDP2 on 2 gloo ranks gives the one-process loss curve; its sharded checkpoint (written by
+    2 ranks) resumes on 1 rank, and a 1-rank sharded checkpoint resumes on 2, both exactly."""
+    cfg = small_data[0]
+    reference = losses(Path(run(small_data, tmp_path, "ref", **{"train.grad_accum_steps": 2})["run_dir"]))
+
+    torchrun(2, tiny_overrides(cfg, tmp_path, "fsdp2", **{"train.parallelism": "fsdp"}), tmp_path)
+    fsdp = losses(tmp_path / "fsdp2")
+    assert sorted(fsdp) == [1, 2, 3, 4, 5, 6]
+    for step in reference:
+        assert fsdp[step] == pytest.approx(reference[step], abs=1e-5)
+    assert (tmp_path / "fsdp2" / "ckpt_0000006").is_dir()
+    assert len(list((tmp_path / "fsdp2" / "ckpt_0000006").glob("*.distcp"))) == 2  # one shard per rank
+
+    # 2 ranks write at step 3, 1 rank resumes to 6 (grad_accum 2 keeps the global batch)
+    torchrun(2, tiny_overrides(cfg, tmp_path, "two2one", **{"train.parallelism": "fsdp", "train.max_steps": 3}), tmp_path)
+    run(small_data, tmp_path, "two2one", **{"train.parallelism": "fsdp", "train.resume": True, "train.grad_accum_steps": 2})
+    # 1 rank writes at step 3, 2 ranks resume to 6
+    run(small_data, tmp_path, "one2two", **{"train.parallelism": "fsdp", "train.max_steps": 3, "train.grad_accum_steps": 2})
+    torchrun(2, tiny_overrides(cfg, tmp_path, "one2two", **{"train.parallelism": "fsdp", "train.resume": True}), tmp_path)
+    for name in ("two2one", "one2two"):
+        resumed = losses(tmp_path / name)
+        assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+        for step in reference:
+            assert resumed[step] == pytest.approx(reference[step], abs=1e-5), (name, step)
