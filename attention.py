@@ -85,11 +85,13 @@ def flex_block_mask(doc_ids: torch.Tensor | None, batch_size: int, seq_len: int,
     if doc_ids is None:
         def mask_mod(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
-        return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+        return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-    return create_block_mask(mask_mod, batch_size, None, seq_len, seq_len, device=device)
+    # compiled, the mask is evaluated tile by tile on the GPU instead of as a dense B x T x T tensor
+    return create_block_mask(mask_mod, batch_size, None, seq_len, seq_len, device=device,
+                             _compile=device.type == "cuda")
 
 
 def build_attention_mask(backend: str, doc_ids: torch.Tensor | None, batch_size: int, seq_len: int,
