@@ -85,13 +85,24 @@ def flex_block_mask(doc_ids: torch.Tensor | None, batch_size: int, seq_len: int,
     if doc_ids is None:
         def mask_mod(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
-        return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
+        return _create_block_mask(device)(mask_mod, None, None, seq_len, seq_len, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-    # compiled, the mask is evaluated tile by tile on the GPU instead of as a dense B x T x T tensor
-    return create_block_mask(mask_mod, batch_size, None, seq_len, seq_len, device=device,
-                             _compile=device.type == "cuda")
+    return _create_block_mask(device)(mask_mod, batch_size, None, seq_len, seq_len, device=device)
+
+
+_compiled_create_block_mask = None
+
+
+def _create_block_mask(device: torch.device):
+    # Compiled, the mask is evaluated tile by tile on the GPU instead of as a dense B x T x T tensor.
+    global _compiled_create_block_mask
+    if device.type != "cuda":
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
 
 
 def build_attention_mask(backend: str, doc_ids: torch.Tensor | None, batch_size: int, seq_len: int,
@@ -180,9 +191,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
                 kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # One matmul for Q, K and V (weights concatenated): the K and V projections are thin
+        # (n_kv_heads * head_dim columns) and one wide GEMM keeps a GPU busier than three.
+        w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = F.linear(x, w_qkv).split([self.q_proj.out_features, self.k_proj.out_features,
+                                            self.v_proj.out_features], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv_cache is not None:

@@ -82,7 +82,7 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     if compile_blocks:
         for block in model.blocks:
             block.compile()
-    opt = build_optimizer(model, OptimConfig(lr=1e-4, warmup_steps=0))
+    opt = build_optimizer(model, OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=0))
     T = cfg["train"].seq_len
     x = torch.randint(0, mcfg.vocab_size, (batch, T + 1), device="cuda")
     doc = doc_ids.cuda() if doc_ids is not None else None

@@ -114,7 +114,7 @@ def _backend_results(device, n_kv_heads, with_docs, backward):
     idx = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(0)).to(device)
     for backend in ("sdpa", "flex"):
         torch.manual_seed(0)
-        m = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+        m = Transformer(ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
                                     d_ff=64, max_seq_len=64, attn_backend=backend)).to(device)
         if backward:
             loss, _ = m(idx[:, :-1], idx[:, 1:], doc_ids)
