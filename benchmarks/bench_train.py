@@ -15,6 +15,7 @@ as JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -103,6 +104,45 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     return result
 
 
+def bench_fsdp(cfg: dict, batch: int, steps: int, warmup: int, backend: str, compile_blocks: bool) -> dict:
+    """Our model under FSDP2 (launched with torchrun): per-GPU throughput of a sharded step."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mcfg = cfg["model"]
+    mcfg.attn_backend = backend
+    torch.manual_seed(0)
+    model = Transformer(mcfg).cuda()
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=0))
+    T = cfg["train"].seq_len
+    x = torch.randint(0, mcfg.vocab_size, (batch, T + 1), device="cuda",
+                      generator=torch.Generator("cuda").manual_seed(dist.get_rank()))
+
+    def step():
+        loss, _ = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, steps, warmup)
+    times = [max(t) for t in zip(*_all_gather(times))]  # a step ends when the slowest rank ends
+    return summarize(times, batch * T, flops_per_token(mcfg, T))
+
+
+def _all_gather(values: list[float]) -> list[list[float]]:
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, values)
+    return out
+
+
 def bench_hf(cfg: dict, batch: int, steps: int, warmup: int, compile_model: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     m = cfg["model"]
@@ -184,10 +224,17 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="write a kernel-time breakdown next to --out")
+    p.add_argument("--fsdp", action="store_true",
+                   help="run our model under FSDP2; launch with torchrun (tokens/s are per GPU)")
     p.add_argument("--out", default="bench_train.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
+    if args.fsdp:
+        import os
+        import torch.distributed as dist
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
     overrides = [f"--model.n_layers={args.layers}"] if args.layers else []
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
@@ -198,7 +245,6 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     def run(name, fn, *a, **kw):
-        import copy
         results[name] = fn(copy.deepcopy(cfg), *a, **kw)
         r = results[name]
         print(f"{name:<28} {r['tok_per_s']:>10,.0f} tok/s  MFU {100 * (r['mfu'] or 0):5.1f}%  "
@@ -208,6 +254,20 @@ def main() -> None:
 
     compile_blocks = not args.no_compile
     prof = out.parent if args.profile else None
+    if args.fsdp:
+        import torch.distributed as dist
+        world = dist.get_world_size()
+        meta["world_size"] = world
+        for backend in args.backends.split(","):
+            results[f"ours[{backend}, fsdp x{world}]"] = r = bench_fsdp(
+                copy.deepcopy(cfg), args.micro_batch, args.steps, args.warmup, backend, compile_blocks)
+            if dist.get_rank() == 0:
+                print(f"ours[{backend}, fsdp x{world}]  {r['tok_per_s']:>10,.0f} tok/s per GPU  MFU "
+                      f"{100 * (r['mfu'] or 0):5.1f}%  peak {r['peak_mem_gib']:6.1f} GiB", flush=True)
+        if dist.get_rank() == 0:
+            out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        dist.destroy_process_group()
+        return
     for backend in args.backends.split(","):
         run(f"ours[{backend}]", bench_ours, args.micro_batch, args.steps, args.warmup, backend, None, compile_blocks,
             args.activation_checkpointing, prof)
