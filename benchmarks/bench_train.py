@@ -224,8 +224,6 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="write a kernel-time breakdown next to --out")
-    p.add_argument("--coordinate-descent", action="store_true",
-                   help="let inductor tune the block size of every generated kernel (longer compile)")
     p.add_argument("--fsdp", action="store_true",
                    help="run our model under FSDP2; launch with torchrun (tokens/s are per GPU)")
     p.add_argument("--out", default="bench_train.json")
@@ -237,9 +235,6 @@ def main() -> None:
         import torch.distributed as dist
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
-    if args.coordinate_descent:
-        import torch._inductor.config as inductor_config
-        inductor_config.coordinate_descent_tuning = True
     overrides = [f"--model.n_layers={args.layers}"] if args.layers else []
     cfg = load_config(args.config, overrides)
     out = Path(args.out)

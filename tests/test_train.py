@@ -176,3 +176,69 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoints_reshard(small_data, tm
         assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
         for step in reference:
             assert resumed[step] == pytest.approx(reference[step], abs=1e-5), (name, step)
+
+
+@pytest.mark.slow
+def test_simulated_two_node_launch_trains_checkpoints_and_resumes(small_data, tmp_path):
+    """torchrun --nnodes=2 on one host (one process per "node", c10d rendezvous), as on a cluster:
+    it trains with sharded checkpoints, and a second launch resumes, matching one process."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(**extra):
+        args = tiny_overrides(small_data[0], tmp_path, "twonode", **{"train.parallelism": "fsdp", **extra})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonode",
+               str(ROOT / "train.py"), *args]
+        nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        outs = [n.communicate(timeout=300) for n in nodes]
+        assert all(n.returncode == 0 for n in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+
+    launch(**{"train.max_steps": 3})
+    assert (tmp_path / "twonode" / "ckpt_0000003").is_dir()
+    launch(**{"train.resume": True})
+    reference = losses(Path(run(small_data, tmp_path, "ref1", **{"train.grad_accum_steps": 2})["run_dir"]))
+    resumed = losses(tmp_path / "twonode")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_fails_the_job_instead_of_hanging(small_data, tmp_path):
+    """Kill rank 1 mid-training: torchrun must stop rank 0 and exit non-zero, promptly."""
+    import signal
+    import time
+    args = tiny_overrides(small_data[0], tmp_path, "dies", **{"train.max_steps": 100000, "train.ckpt_interval": 0,
+                                                                "train.eval_interval": 100000})
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "dies" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    assert metrics.exists(), "training never started"
+    rank1 = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_rank(int(pid), 1, job.pid)]
+    assert rank1, "rank 1 not found"
+    os.kill(int(rank1[0]), signal.SIGKILL)
+    try:
+        _, err = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("the job hung after a rank died")
+    assert job.returncode != 0
+    assert "ChildFailedError" in err or "Signal 9" in err or "exitcode" in err
+
+
+def _is_rank(pid: int, rank: int, agent_pid: int) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return ppid == agent_pid and f"RANK={rank}".encode() in environ
