@@ -66,7 +66,7 @@ def test_metrics_by_hand_spaces_and_punctuation():
     assert tokens == [b"a", b" b", b"  ", b" ", b",", b"c"]
     assert text_stats(enc, text) == TextStats(words=3, tokens=6, word_tokens=3, continued=0, n_bytes=8)
     assert text_stats(enc, "") == TextStats(0, 0, 0, 0, 0)
-    assert text_stats(enc, "?!") == TextStats(0, 1, 0, 0, 2)
+    assert text_stats(enc, "?!") == TextStats(0, 2, 0, 0, 2)
 
 
 def test_stats_add_up_over_texts():
