@@ -302,10 +302,12 @@ def main(argv: list[str] | None = None) -> None:
              for doc in take_bytes(split[d]["train"], int(args.train_bytes * w), args.seed, d)]
     try:
         parallel = parallel_sample()
-        for path in args.files:
-            texts[Path(path).stem] = [Path(path).read_text(encoding="utf-8", errors="replace")]
+        for path in args.files:  # named by file name, so "en.txt" does not replace the sample's "en"
+            texts[Path(path).name] = [Path(path).read_text(encoding="utf-8", errors="replace")]
         largest = tokenizer.train_bpe(train, max(args.vocab_sizes), progress=False)
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        parser.exit(1, f"error: cannot read {e.filename}: {e.strerror}\n")
+    except ValueError as e:
         parser.exit(1, f"error: {e}\n")
     log(f"trained a {largest.n_vocab}-token BPE on {sum(len(t.encode()) for t in train) / 1e6:.1f} MB "
         f"in {time.perf_counter() - start:.1f} s")

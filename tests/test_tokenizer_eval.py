@@ -116,10 +116,10 @@ def test_cli_writes_tables(tmp_path, capsys):
           "--files", str(extra), "--md", str(md), "--csv", str(out_csv)])
     printed = capsys.readouterr().out
     assert printed.strip() == md.read_text().strip()
-    assert "Fertility" in printed and "Vocabulary sweep" in printed and "| mine |" in printed
+    assert "Fertility" in printed and "Vocabulary sweep" in printed and "| mine.txt |" in printed
     rows = list(csv.DictReader(out_csv.open()))
     texts = {r["text"] for r in rows}
-    assert {"prose", "code", "math", "mine", "en", "zh"} <= texts
+    assert {"prose", "code", "math", "mine.txt", "en", "zh"} <= texts
     assert {r["tokenizer"] for r in rows} >= {"bpe-300", "bpe-512"}
     for r in rows:  # every derived column is its formula over the counted columns
         assert float(r["fertility"]) == pytest.approx(int(r["word_tokens"]) / int(r["words"]), abs=1e-4)

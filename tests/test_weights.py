@@ -3,6 +3,7 @@
 The real model is loaded once per module (about 10 s, plus about 25 s for transformers' own GGUF
 loader). Tests needing an optional package skip with the pip command when it is absent."""
 
+import dataclasses
 import importlib.util
 import sys
 
@@ -204,6 +205,51 @@ def test_save_hf_round_trip_exact_and_transformers_loads_it(model, enc, transfor
     ids = torch.tensor([enc.encode(TEXTS[1])])
     with torch.no_grad():
         assert relative_error(model(ids), hf(ids).logits) < 1e-4
+
+
+@pytest.mark.slow  # writes and reads 540 MB
+def test_folder_saved_by_transformers_loads_exactly(model, hf_model, tmp_path):
+    """What a downloaded Hugging Face checkpoint looks like: transformers' own save_pretrained
+    (its config.json format, its tensor names). Both sides dequantised the same GGUF, so the
+    weights must agree bit for bit."""
+    pytest.importorskip("safetensors", reason="needs safetensors: pip install safetensors")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # transformers refuses to save a model it loaded from GGUF; copy it into a plain one first
+    config = {k: v for k, v in hf_model.config.to_dict().items() if k != "quantization_config"}
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(LlamaConfig(**config))
+    plain.load_state_dict(hf_model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(tmp_path / "hf")
+    loaded = Transformer.from_hf(tmp_path / "hf")
+    assert loaded.cfg.norm_eps == pytest.approx(model.cfg.norm_eps)  # transformers keeps GGUF's float32 1e-5
+    assert dataclasses.replace(loaded.cfg, norm_eps=model.cfg.norm_eps) == model.cfg
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_sharded_folder_loads(tmp_path):
+    pytest.importorskip("safetensors", reason="needs safetensors: pip install safetensors")
+    import json
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                                    max_seq_len=32))
+    model.save_hf(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for k, part in enumerate([names[::2], names[1::2]]):  # two shards, as large checkpoints come
+        file = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, tmp_path / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = Transformer.from_hf(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_untied_round_trip_exact(tmp_path):
