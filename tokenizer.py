@@ -271,3 +271,93 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers of real models, from GGUF files (SmolLM2)
+# --------------------------------------------------------------------------------------------
+
+# GPT-2's pre-tokenizer regex, which Hugging Face's ByteLevel pre-tokenizer applies.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2 (like StarCoder) first isolates every digit, then applies GPT-2's regex to the stretches
+# between digits (tokenizer.json: Sequence[Digits(individual_digits), ByteLevel]; llama.cpp's
+# pre-tokenizer "smollm"). One regex does both: a digit is always its own chunk, and a whitespace
+# run followed by a digit ends the stretch, so it is taken whole, as GPT-2's `\s+(?!\S)` takes a
+# run at the end of a string.
+DIGITS_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+GGUF_PRE_TOKENIZERS = {"smollm": DIGITS_GPT2_PATTERN, "starcoder": DIGITS_GPT2_PATTERN,
+                       "gpt-2": GPT2_PATTERN, "default": GPT2_PATTERN}
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes (space -> 'Ġ', newline -> 'Ċ') mapped back to bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def from_gguf(path) -> tiktoken.Encoding:
+    """The byte-level BPE tokenizer stored in a GGUF file, as a tiktoken Encoding with the same ids.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, Hugging Face the
+    pair that comes first in the merge list; with rank = token id these agree when ids follow the
+    merge order, which is checked. Special tokens (GGUF token type 3 or 4) are tiktoken specials.
+    SmolLM2's vocabulary lacks 21 of the 256 bytes (six ASCII control characters and lead bytes
+    that valid UTF-8 text of assigned characters never uses); Hugging Face silently drops them,
+    tiktoken needs every byte, so they get ids past the model's vocabulary (n_vocab grows by 21)."""
+    import weights  # GGUF reading (and the optional gguf package) lives there
+
+    reader = weights.open_gguf(path)
+    kind = weights.gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; from_gguf reads byte-level BPE "
+                         f"('gpt2') tokenizers only, not SentencePiece ('llama') or others")
+    pre = weights.gguf_field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not known here; known: {sorted(GGUF_PRE_TOKENIZERS)}")
+    tokens = weights.gguf_field(reader, "tokenizer.ggml.tokens")
+    types = weights.gguf_field(reader, "tokenizer.ggml.token_type")
+    merges = weights.gguf_field(reader, "tokenizer.ggml.merges", [])
+    byte_of = _gpt2_byte_decoder()
+    ranks, special = {}, {}
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind in (3, 4):  # control and user-defined tokens: matched whole, never merged
+            special[token] = i
+        else:
+            ranks[bytes(byte_of[ch] for ch in token)] = i
+    merged_ids = [ranks.get(bytes(byte_of[ch] for ch in m.replace(" ", "", 1))) for m in merges]
+    if None in merged_ids or any(a >= b for a, b in zip(merged_ids, merged_ids[1:])):
+        raise ValueError(f"{path}: token ids do not follow the merge order, so tiktoken cannot reproduce them")
+    next_id = len(tokens)
+    for b in range(256):
+        if bytes([b]) not in ranks:
+            ranks[bytes([b])] = next_id
+            next_id += 1
+    return tiktoken.Encoding(name=Path(path).stem, pat_str=GGUF_PRE_TOKENIZERS[pre],
+                             mergeable_ranks=ranks, special_tokens=special)
+
+
+def gguf_chat_template(path) -> str:
+    """The Jinja chat template stored in a GGUF file (tokenizer.chat_template)."""
+    import weights
+
+    template = weights.gguf_field(weights.open_gguf(path), "tokenizer.chat_template")
+    if not template:
+        raise ValueError(f"{path} has no tokenizer.chat_template")
+    return template
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face style Jinja chat template, as transformers' apply_chat_template does.
+
+    jinja2 comes with torch. The sandbox is the one transformers uses: templates are data."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
