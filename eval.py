@@ -83,10 +83,13 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
     after every real one and so cannot change any score. A context too long for the model keeps
     its last tokens; an empty one starts from `bos` (the end-of-document token, as in training)."""
     max_len = _max_len(model)
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     rows = []
     for ctx, cont in requests:
         if not cont:
             raise EvalError("a continuation encodes to no tokens; every choice needs text")
+        if vocab is not None and max(max(ctx, default=0), max(cont)) >= vocab:
+            raise EvalError(f"the tokenizer gave an id past the model's vocabulary ({vocab}): they do not match")
         tokens = (list(ctx) or [bos]) + list(cont)
         if max_len is not None:
             if len(cont) > max_len:
@@ -486,15 +489,17 @@ def find_contamination(item_tokens: list[list[int]], shards, n: int = 8, chunk: 
     return counts
 
 
-def decontaminate(task: Task, enc, shards, n: int = 8) -> dict:
-    """Report which items share an n-gram with the shards; 'clean' is the task without them."""
+def decontaminate(task: Task, enc, shards, n: int = 8, threshold: float = 0.0) -> dict:
+    """Items whose share of n-grams found in the shards exceeds threshold (0: any shared n-gram,
+    GPT-3's rule; Llama 2 counted an item dirty above ~80%, since common phrases and templates
+    are shared by clean items too). 'clean' is the task without them."""
     toks = [enc.encode_ordinary(item_text(it)) for it in task.items]
     counts = find_contamination(toks, shards, n)
-    short = [i for i, t in enumerate(toks) if len(t) < n]
-    dirty = [i for i, c in enumerate(counts) if c > 0]
+    overlap = [c / max(1, len(t) - n + 1) for c, t in zip(counts, toks)]
+    dirty = [i for i, (c, o) in enumerate(zip(counts, overlap)) if c > 0 and o > threshold]
     clean = dataclasses.replace(task, items=[it for i, it in enumerate(task.items) if i not in set(dirty)])
-    return {"n": n, "items": len(task.items), "contaminated": dirty, "too_short": short,
-            "overlap": [counts[i] / max(1, len(toks[i]) - n + 1) for i in range(len(toks))], "clean": clean}
+    return {"n": n, "threshold": threshold, "items": len(task.items), "contaminated": dirty,
+            "too_short": [i for i, t in enumerate(toks) if len(t) < n], "overlap": overlap, "clean": clean}
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,6 +619,7 @@ def main_decontaminate(argv: list[str]) -> None:
     p.add_argument("--shards", nargs="+", required=True, help="shard files or folders (their *_train_*.bin)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: next to the shard folder)")
     p.add_argument("--n", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=0.0, help="contaminated above this share of n-grams found")
     p.add_argument("--out", help="write the task without contaminated items to this JSONL file")
     args = p.parse_args(argv)
     from tokenizer import load_tokenizer
@@ -625,10 +631,13 @@ def main_decontaminate(argv: list[str]) -> None:
     tok_path = Path(args.tokenizer) if args.tokenizer else paths[0].parent.parent / "tokenizer.json"
     enc = load_tokenizer(tok_path)
     task = load_task(args.task)
-    report = decontaminate(task, enc, [data.read_shard(p) for p in paths], args.n)
-    print(f"task {task.name}: {len(report['contaminated'])} of {report['items']} items share a {args.n}-gram with "
-          f"{len(paths)} shard(s); {len(report['too_short'])} too short to check")
-    for i in report["contaminated"][:10]:
+    report = decontaminate(task, enc, [data.read_shard(p) for p in paths], args.n, args.threshold)
+    overlap = np.array(report["overlap"])
+    print(f"task {task.name}, {report['items']} items against {len(paths)} shard(s), {args.n}-grams: "
+          + ", ".join(f"{int((overlap > t).sum())} above {t:.0%}" for t in (0, 0.5, 0.8))
+          + f"; {len(report['too_short'])} too short to check")
+    print(f"{len(report['contaminated'])} contaminated (above {args.threshold:.0%}); the most overlapping:")
+    for i in sorted(report["contaminated"], key=lambda i: -overlap[i])[:5]:
         print(f"  item {i} ({100 * report['overlap'][i]:.0f}% of its {args.n}-grams): {item_text(task.items[i])[:100]!r}")
     if args.out:
         with open(args.out, "w") as f:

@@ -226,12 +226,28 @@ def _with_distractors(rng: random.Random, golds: list[tuple[str, str]], n_choice
 _PHRASE = re.compile(r"[A-Za-z][A-Za-z'’,.;:()-]*(?: [A-Za-z'’,.;:()-]+){4}")  # five words of prose, no code
 
 
-def prose_cloze(cfg: data.DataConfig, n_choices: int = 4, context_chars: int = 400, stride: int = 120) -> Task:
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _seen_in_training(split: dict[str, list[str]]):
+    """A test for "this text also appears in a training document" (whitespace-insensitive).
+
+    Holding out whole documents is not enough: pydoc's topics repeat whole sections (the section
+    on descriptors is in several topics), so a held-out passage can sit verbatim in training."""
+    train_text = "\x00".join(_squash(d) for d in split["train"])
+    return lambda text: _squash(text) in train_text
+
+
+def prose_cloze(cfg: data.DataConfig, n_choices: int = 4, context_chars: int = 400, stride: int = 80) -> Task:
     """Held-out documentation prose: which 5-word phrase continues the text? Distractors are
-    phrases from elsewhere in the held-out prose, so only the context tells them apart."""
+    phrases from elsewhere in the held-out prose, so only the context tells them apart. Passages
+    whose last 100 characters and answer also appear in a training document are left out."""
     rng = random.Random(f"prose_cloze:{cfg.seed}")
+    split = heldout_split("prose", cfg)
+    seen = _seen_in_training(split)
     golds = []
-    for doc in heldout_split("prose", cfg)["val"]:
+    for doc in split["val"]:
         words = list(re.finditer(r"\S+", doc))
         last_end = -stride
         for i in range(10, len(words) - 5):
@@ -240,20 +256,28 @@ def prose_cloze(cfg: data.DataConfig, n_choices: int = 4, context_chars: int = 4
                 continue
             ctx_start = max(0, start - context_chars)
             ctx_start = doc.index(" ", ctx_start) + 1 if ctx_start and " " in doc[ctx_start:start] else ctx_start
-            golds.append((doc[ctx_start:start].rstrip(" "), " " + doc[start:end]))
-            last_end = end
+            if not seen(doc[max(ctx_start, start - 100):end]):
+                golds.append((doc[ctx_start:start].rstrip(" "), " " + doc[start:end]))
+                last_end = end
     return Task("prose_cloze", "choice", _with_distractors(rng, golds, n_choices))
 
 
 def code_next_line(cfg: data.DataConfig, n_choices: int = 4, context_lines: int = 12, per_file: int = 8) -> Task:
     """Held-out standard-library code: which line comes next? Distractor lines come from other
-    held-out files, re-indented like the true line so that indentation gives nothing away."""
+    held-out files, re-indented like the true line so that indentation gives nothing away. Lines
+    whose previous three lines and itself also appear in a training file are left out."""
     rng = random.Random(f"code_next_line:{cfg.seed}")
+    split = heldout_split("code", cfg)
+    seen = set()  # hashes of every run of four stripped lines in the training files
+    for doc in split["train"]:
+        stripped = [line.strip() for line in doc.splitlines()]
+        seen.update(hash(tuple(stripped[j:j + 4])) for j in range(len(stripped) - 3))
     golds = []
-    for doc in heldout_split("code", cfg)["val"]:
+    for doc in split["val"]:
         lines = doc.splitlines()
         usable = [i for i in range(context_lines, len(lines))
-                  if 12 <= len(lines[i].strip()) <= 80 and not lines[i].strip().startswith(("#", '"', "'"))]
+                  if 12 <= len(lines[i].strip()) <= 80 and not lines[i].strip().startswith(("#", '"', "'"))
+                  and hash(tuple(line.strip() for line in lines[i - 3:i + 1])) not in seen]
         for i in sorted(rng.sample(usable, min(per_file, len(usable)))):
             golds.append(("\n".join(lines[i - context_lines:i]) + "\n", lines[i]))
 
