@@ -580,6 +580,8 @@ def main_eval(argv: list[str]) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.temperature < 0:
+        raise EvalError("--k, --batch-size and --limit must be >= 1 and --temperature >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     # a task file is read before the model, so a bad line stops the run before any loading
