@@ -63,6 +63,8 @@ class TrainConfig:
     threads: int = 0                 # CPU threads per process; 0 = cores / processes
     parallelism: str = "ddp"         # ddp (replicated weights) | fsdp (FSDP2: sharded weights, grads, optimizer)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    eval_tasks: tuple[str, ...] = ()  # eval.py tasks scored every eval_interval steps (eval/<task>/<metric>)
+    eval_task_items: int = 100       # a seeded sample of this many items per task
 
     def __post_init__(self):
         for k in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval",
@@ -77,6 +79,15 @@ class TrainConfig:
             raise ValueError(f"train.compile={self.compile!r} must be auto, true or false")
         if self.parallelism not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallelism={self.parallelism!r} must be ddp or fsdp")
+        if self.eval_tasks and self.parallelism == "fsdp":
+            raise ValueError("train.eval_tasks scores on rank 0 alone, which FSDP's sharded weights do not allow; "
+                             "score the checkpoints with eval.py instead")
+        if self.eval_tasks:
+            import eval as evals  # here, so that configs without eval tasks never import it
+            for task in self.eval_tasks:
+                evals.check_task_name(task)
+            if self.eval_task_items < 1:
+                raise ValueError(f"train.eval_task_items must be >= 1, got {self.eval_task_items}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,6 +458,10 @@ def train(cfg: dict) -> dict:
         # every rank walks the whole validation sequence; evaluate() deals its batches out
         val_loader = MixtureLoader(shard_dir, dcfg.weights, "val", tcfg.seq_len, dcfg.seed, eot_id(enc),
                                    fingerprint=fingerprint)
+        task_evals = None
+        if master and tcfg.eval_tasks:
+            import eval as evals
+            task_evals = evals.TrainingEvals(tcfg.eval_tasks, dcfg, enc, tcfg.eval_task_items)
     except (ValueError, RuntimeError) as e:  # empty corpus, truncated shard, stale tokenizer...
         raise ConfigError(str(e)) from e
 
@@ -518,11 +533,19 @@ def train(cfg: dict) -> dict:
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {global_batch} x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
 
+    def run_task_evals(step: int):
+        if task_evals:
+            with autocast:
+                row = task_evals.run(model)
+            record({"step": step, "tokens": tokens, **row})
+            log(f"step {step:>6} | " + " | ".join(f"{k} {v:.3f}" for k, v in row.items()))
+
     val_loss = None
     if start_step == 0:
         val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
         record({"step": 0, "tokens": 0, "val_loss": val_loss})
         log(f"step {0:>6} | val_loss {val_loss:.4f}")
+        run_task_evals(0)
 
     t_last, tokens_last = time.time(), tokens
     for step in range(start_step, tcfg.max_steps):
@@ -584,6 +607,7 @@ def train(cfg: dict) -> dict:
             val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
             record({"step": done, "tokens": tokens, "val_loss": val_loss})
             log(f"step {done:>6} | val_loss {val_loss:.4f}")
+            run_task_evals(done)
         if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == tcfg.max_steps:
             path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded)
             log(f"saved {path}")
