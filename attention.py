@@ -172,14 +172,10 @@ def flex_block_mask(doc_ids: torch.Tensor | None, batch_size: int, seq_len: int,
         def mask_mod(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
         return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
-    if doc_ids is None and (window or chunk):
-        allowed = mask_predicate(None, window, chunk)
-        return create_block_mask(lambda b, h, q_idx, kv_idx: allowed(b, q_idx, kv_idx), None, None,
-                                 seq_len, seq_len, device=device)
     if window or chunk:
         allowed = mask_predicate(doc_ids, window, chunk)
-        return create_block_mask(lambda b, h, q_idx, kv_idx: allowed(b, q_idx, kv_idx), batch_size, None,
-                                 seq_len, seq_len, device=device)
+        return create_block_mask(lambda b, h, q_idx, kv_idx: allowed(b, q_idx, kv_idx),
+                                 None if doc_ids is None else batch_size, None, seq_len, seq_len, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
@@ -396,6 +392,20 @@ def kv_values_per_token(n_layers: int, head_dim: int, n_kv_heads: int = 0, kv_lo
 # --------------------------------------------------------------------------------------------
 
 
+class HeadRMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, reduced in float32 (model.RMSNorm's
+    rule, repeated here because model.py imports this file): QK-norm, MLA's latent, GLA's output."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with n_kv_heads shared key/value heads (MHA, GQA, MQA), no biases.
 
@@ -422,8 +432,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.use_rope, self.window, self.chunk = use_rope, window, chunk
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
         self.dca_chunk, self.dca_local_window = dca_chunk, dca_local_window
         if dca_chunk:
@@ -485,7 +495,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.use_rope, self.window, self.chunk = use_rope, window, chunk
         self.q_proj = nn.Linear(d_model, n_heads * (self.head_dim + rope_dim), bias=False)
         self.kv_down = nn.Linear(d_model, kv_lora_rank + rope_dim, bias=False)  # W_dkv and W_kr in one matmul
-        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
+        self.kv_norm = HeadRMSNorm(kv_lora_rank, eps=norm_eps)
         self.k_up = nn.Linear(kv_lora_rank, n_heads * self.head_dim, bias=False)  # W_uk
         self.v_up = nn.Linear(kv_lora_rank, n_heads * self.head_dim, bias=False)  # W_uv
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
@@ -603,7 +613,7 @@ class GatedLinearAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, inner, bias=False)
         self.gate_proj = nn.Linear(d_model, inner, bias=False)  # the forget gate, per key channel
         self.out_gate = nn.Linear(d_model, inner, bias=False)
-        self.norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
+        self.norm = HeadRMSNorm(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None, mask=None, kv_cache: KVCache | None = None,

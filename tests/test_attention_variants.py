@@ -295,6 +295,24 @@ def test_flex_and_sdpa_agree_for_every_variant_with_documents(name):
     torch.testing.assert_close(out[0], out[1], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "dca"])
+def test_flex_and_sdpa_gradients_agree_on_gpu_for_every_variant(name):
+    idx = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(0)).cuda()
+    doc_ids = random_doc_ids(2, 40, seed=5).cuda()
+    results = []
+    for backend in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        m = Transformer(tiny(attn_backend=backend, **VARIANTS[name])).cuda()
+        _randomise_variant_params(m)
+        loss, _ = m(idx[:, :-1], idx[:, 1:], doc_ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_keeps_documents_apart(name):
     """Rewriting one packed document leaves the other documents' logits unchanged."""
