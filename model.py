@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
-                       StreamingKVCache, build_attention_mask, rope_frequencies, rope_layers, rotary_dim)
+                       StreamingKVCache, build_attention_mask, rope_frequencies, rope_layers)
 
 
 @dataclass
@@ -42,7 +42,8 @@ class ModelConfig:
     yarn_original_seq_len: int = 0  # context the RoPE was trained at; 0 = max_seq_len / yarn_factor
     sliding_window: int = 0       # S layers see their last W tokens (self included); 0 = off
     attn_chunk_size: int = 0      # C layers attend within aligned chunks of this size (Llama 4); 0 = off
-    layer_pattern: str = ""       # a letter per layer: G global, S sliding, C chunked, L linear (GLA); "" = all G
+    layer_pattern: str = ""       # a letter per layer: G global, S sliding, C chunked, L linear (GLA);
+                                  # "" = every layer G, or S / C when sliding_window / attn_chunk_size is set
     attn_sinks: bool = False      # gpt-oss learned per-head sink logits
     qk_norm: bool = False         # RMSNorm on each q and k head before RoPE
     attn_type: str = "gqa"        # "gqa" (MHA/GQA/MQA by n_kv_heads) or "mla" (DeepSeek latent attention)
@@ -75,7 +76,8 @@ class ModelConfig:
         if not 0 < self.rope_fraction <= 1:
             raise ValueError(f"model.rope_fraction={self.rope_fraction} must be in (0, 1] (1 = full RoPE)")
         if self.yarn_factor < 1:
-            raise ValueError(f"model.yarn_factor={self.yarn_factor} must be >= 1 (1 = plain RoPE, 2 = twice the context)")
+            raise ValueError(f"model.yarn_factor={self.yarn_factor} must be >= 1 (1 = plain RoPE, 2 = twice the "
+                             f"context)")
         for name in ("nope_every", "yarn_original_seq_len", "sliding_window", "attn_chunk_size", "kv_lora_rank",
                      "mla_rope_dim", "dca_chunk_size", "dca_local_window"):
             if getattr(self, name) < 0:
@@ -96,9 +98,11 @@ class ModelConfig:
                              "which with model.layer_pattern (e.g. 'SSSC')")
         kinds = self.layer_kinds()
         if "S" in kinds and self.sliding_window < 1:
-            raise ValueError("model.layer_pattern has S layers but model.sliding_window is below 1; set the window size")
+            raise ValueError("model.layer_pattern has S layers but model.sliding_window is below 1; "
+                             "set the window size")
         if "C" in kinds and self.attn_chunk_size < 1:
-            raise ValueError("model.layer_pattern has C layers but model.attn_chunk_size is below 1; set the chunk size")
+            raise ValueError("model.layer_pattern has C layers but model.attn_chunk_size is below 1; "
+                             "set the chunk size")
         if self.sliding_window and "S" not in kinds:
             raise ValueError(f"model.sliding_window={self.sliding_window} but no S layer in model.layer_pattern")
         if self.attn_chunk_size and "C" not in kinds:
@@ -117,11 +121,13 @@ class ModelConfig:
             if self.attn_backend != "sdpa":
                 raise ValueError("model.dca_chunk_size needs model.attn_backend='sdpa' (DCA picks one of three "
                                  "scores per query-key pair, which flex's BlockMask cannot express)")
-            if self.sliding_window or self.attn_chunk_size or self.attn_sinks:
-                raise ValueError("model.dca_chunk_size cannot be combined with sliding_window, attn_chunk_size or attn_sinks")
+            if self.sliding_window or self.attn_chunk_size or self.attn_sinks or self.yarn_factor != 1:
+                raise ValueError("model.dca_chunk_size cannot be combined with sliding_window, attn_chunk_size, "
+                                 "attn_sinks or yarn_factor (DCA and YaRN are two ways to extend the context)")
             if self.dca_chunk_size + self.dca_local_window > self.max_seq_len:
-                raise ValueError(f"model.dca_chunk_size + dca_local_window = {self.dca_chunk_size + self.dca_local_window}"
-                                 f" exceeds model.max_seq_len={self.max_seq_len}")
+                raise ValueError(f"model.dca_chunk_size + dca_local_window = "
+                                 f"{self.dca_chunk_size + self.dca_local_window} exceeds model.max_seq_len="
+                                 f"{self.max_seq_len}")
 
     def layer_kinds(self) -> str:
         """One letter per layer: G global attention, S sliding window, C chunked, L linear attention."""
@@ -193,7 +199,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     h = cfg.d_model
     matmul_per_layer = 2 * h * cfg.n_heads * cfg.head_dim + 2 * h * cfg.n_kv_heads * cfg.head_dim + 3 * h * cfg.d_ff
     n_matmul = cfg.n_layers * matmul_per_layer + cfg.vocab_size * h
-    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len + attention_variant_flops(cfg, seq_len)
+    return (6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+            + attention_variant_flops(cfg, seq_len))
 
 
 def attention_variant_flops(cfg: ModelConfig, seq_len: int) -> float:
@@ -313,9 +320,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, seen by both
+        original_len = cfg.yarn_original_seq_len or round(cfg.max_seq_len / cfg.yarn_factor)
         cos, sin = rope_frequencies(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_base, fraction=cfg.rope_fraction,
-                                    yarn_factor=cfg.yarn_factor,
-                                    yarn_original_len=cfg.yarn_original_seq_len or round(cfg.max_seq_len / cfg.yarn_factor))
+                                    yarn_factor=cfg.yarn_factor, yarn_original_len=original_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -443,7 +443,8 @@ def train(cfg: dict) -> dict:
     peak = peak_flops_per_device(device, tcfg.peak_flops)
     log(f"model: {count_params(mcfg):,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, "
         f"{mcfg.n_heads} heads / {mcfg.n_kv_heads} KV heads, {'tied' if mcfg.tie_embeddings else 'untied'} embeddings)")
-    log(f"layers ({mcfg.attn_type}): {describe_layers(mcfg)} (G global, S sliding, C chunked, L linear; /nope: no RoPE)")
+    log(f"layers ({mcfg.attn_type}): {describe_layers(mcfg)} (G global, S sliding, C chunked, L linear; "
+        f"/nope: no RoPE)")
     log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")

@@ -82,7 +82,8 @@ def bench(name: str, layers: int, batch: int, seq_len: int, steps: int, warmup: 
         kv = kv_values_per_token(sum(k != "L" for k in kinds), cfg.head_dim, kv_lora_rank=rank, rope_dim=rope_dim)
     else:
         kv = kv_values_per_token(sum(k != "L" for k in kinds), cfg.head_dim, cfg.n_kv_heads)
-    row = {"variant": name, "label": label, "mode": mode, "backend": cfg.attn_backend, "kv_kib_per_token_16_layers": kv * 2 / 1024}
+    row = {"variant": name, "label": label, "mode": mode, "backend": cfg.attn_backend,
+           "kv_kib_per_token_16_layers": kv * 2 / 1024}
     torch.manual_seed(0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -140,11 +141,11 @@ def main() -> None:
             rows.append(bench(name, args.layers, args.batch, args.seq_len, args.steps, args.warmup, args.compile))
         except Exception as e:  # one variant failing (OOM, a kernel limit) must not hide the others
             rows.append({"variant": name, "label": VARIANTS[name][0], "mode": VARIANTS[name][2],
-                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                         "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"})
         torch.cuda.empty_cache()
         r = rows[-1]
-        print(f"{name}: " + (r["error"] if "error" in r else f"{r['tok_per_s']:,.0f} tok/s, {r['peak_mem_gib']:.1f} GiB"),
-              flush=True)
+        result = r["error"] if "error" in r else f"{r['tok_per_s']:,.0f} tok/s, {r['peak_mem_gib']:.1f} GiB"
+        print(f"{name}: {result}", flush=True)
     base = {m: next((r["tok_per_s"] for r in rows if r["variant"] == b and "error" not in r), None)
             for m, b in (("train", "gqa"), ("forward", "gqa_fwd"))}
     for r in rows:

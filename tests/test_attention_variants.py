@@ -563,6 +563,7 @@ def test_hybrid_model_loss_falls():
     (dict(dca_chunk_size=8, attn_backend="flex"), "attn_backend='sdpa'"),
     (dict(dca_chunk_size=60, dca_local_window=10), "max_seq_len"),
     (dict(attn_type="gqa2"), "attn_type"),
+    (dict(dca_chunk_size=8, yarn_factor=2.0), "two ways to extend"),
 ])
 def test_invalid_combinations_stop_with_one_line(kw, words):
     with pytest.raises(ValueError) as e:
