@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from attention import BACKENDS, CausalSelfAttention, KVCache, build_attention_mask, rope_frequencies
+from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
+                       StreamingKVCache, build_attention_mask, rope_frequencies, rope_layers)
 
 
 @dataclass
@@ -35,6 +36,23 @@ class ModelConfig:
     norm_eps: float = 1e-6        # SmolLM3's RMSNorm eps
     z_loss_coef: float = 0.0      # lambda in lambda * log^2(Z); 1e-5 where used, off in SmolLM3
     attn_backend: str = "sdpa"    # "sdpa" (everywhere) or "flex" (flex_attention, the GPU path)
+    # Attention and position variants (attention.py); every default leaves the model above unchanged.
+    rope_fraction: float = 1.0    # partial RoPE: share of each head's dims that rotate (GLM-4.5: 0.5)
+    nope_every: int = 0           # RNoPE: no RoPE on layers k-1, 2k-1, ... (SmolLM3: 4); 1 = NoPE; 0 = off
+    yarn_factor: float = 1.0      # YaRN context extension factor (1 = plain RoPE)
+    yarn_original_seq_len: int = 0  # context the RoPE was trained at; 0 = max_seq_len / yarn_factor
+    sliding_window: int = 0       # S layers see their last W tokens (self included); 0 = off
+    attn_chunk_size: int = 0      # C layers attend within aligned chunks of this size (Llama 4); 0 = off
+    layer_pattern: str = ""       # a letter per layer: G global, S sliding, C chunked, L linear (GLA);
+                                  # "" = every layer G, or S / C when sliding_window / attn_chunk_size is set
+    attn_sinks: bool = False      # gpt-oss learned per-head sink logits
+    qk_norm: bool = False         # RMSNorm on each q and k head before RoPE
+    attn_type: str = "gqa"        # "gqa" (MHA/GQA/MQA by n_kv_heads) or "mla" (DeepSeek latent attention)
+    kv_lora_rank: int = 0         # MLA latent width; 0 = 4 * head_dim (DeepSeek-V2's ratio)
+    mla_rope_dim: int = 0         # MLA decoupled RoPE key width; 0 = head_dim / 2
+    dca_chunk_size: int = 0       # Dual Chunk Attention chunk (training-free extension); 0 = off
+    dca_local_window: int = 0     # DCA: exact relative positions kept across a chunk boundary
+    gla_chunk_size: int = 16      # chunk length of gated linear attention's parallel form
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -48,13 +66,88 @@ class ModelConfig:
                              f"{self.n_kv_heads}; valid n_kv_heads: {valid}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
-        if self.attn_backend == "flex" and self.head_dim < 16:
-            raise ValueError(f"model.attn_backend='flex' needs head_dim >= 16 (its GPU kernel's minimum), "
-                             f"got d_model / n_heads = {self.head_dim}; use fewer heads or 'sdpa'")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r} is not one of {BACKENDS}")
         if self.rope_base <= 1 or self.init_std <= 0 or self.norm_eps <= 0 or self.z_loss_coef < 0:
             raise ValueError("model.rope_base must be > 1, init_std and norm_eps > 0, z_loss_coef >= 0")
+        self._check_attention_variants()
+        if self.attn_backend == "flex" and self.head_dim < 16:
+            raise ValueError(f"model.attn_backend='flex' needs head_dim >= 16 (its GPU kernel's minimum), "
+                             f"got d_model / n_heads = {self.head_dim}; use fewer heads or 'sdpa'")
+
+    def _check_attention_variants(self) -> None:
+        """Invalid attention/position combinations stop here, one line each, before any work."""
+        if not 0 < self.rope_fraction <= 1:
+            raise ValueError(f"model.rope_fraction={self.rope_fraction} must be in (0, 1] (1 = full RoPE)")
+        if self.yarn_factor < 1:
+            raise ValueError(f"model.yarn_factor={self.yarn_factor} must be >= 1 (1 = plain RoPE, 2 = twice the "
+                             f"context)")
+        for name in ("nope_every", "yarn_original_seq_len", "sliding_window", "attn_chunk_size", "kv_lora_rank",
+                     "mla_rope_dim", "dca_chunk_size", "dca_local_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 = off/default)")
+        if self.gla_chunk_size < 1:
+            raise ValueError(f"model.gla_chunk_size={self.gla_chunk_size} must be >= 1")
+        if self.attn_type not in ("gqa", "mla"):
+            raise ValueError(f"model.attn_type={self.attn_type!r} is not one of ('gqa', 'mla')")
+        bad = set(self.layer_pattern) - set("GSCL")
+        if bad:
+            raise ValueError(f"model.layer_pattern={self.layer_pattern!r} has letters {sorted(bad)}; use G (global), "
+                             f"S (sliding window), C (chunked), L (linear attention)")
+        if self.layer_pattern and len(self.layer_pattern) != self.n_layers:
+            raise ValueError(f"model.layer_pattern={self.layer_pattern!r} has {len(self.layer_pattern)} letters but "
+                             f"model.n_layers={self.n_layers}; give one letter per layer")
+        if not self.layer_pattern and self.sliding_window and self.attn_chunk_size:
+            raise ValueError("model.sliding_window and model.attn_chunk_size are both set; say which layers use "
+                             "which with model.layer_pattern (e.g. 'SSSC')")
+        kinds = self.layer_kinds()
+        if "S" in kinds and self.sliding_window < 1:
+            raise ValueError("model.layer_pattern has S layers but model.sliding_window is below 1; "
+                             "set the window size")
+        if "C" in kinds and self.attn_chunk_size < 1:
+            raise ValueError("model.layer_pattern has C layers but model.attn_chunk_size is below 1; "
+                             "set the chunk size")
+        if self.sliding_window and "S" not in kinds:
+            raise ValueError(f"model.sliding_window={self.sliding_window} but no S layer in model.layer_pattern")
+        if self.attn_chunk_size and "C" not in kinds:
+            raise ValueError(f"model.attn_chunk_size={self.attn_chunk_size} but no C layer in model.layer_pattern")
+        if self.attn_type == "mla":
+            rope_dim, rank = self.mla_dims
+            if rope_dim % 2 or not 2 <= rope_dim <= self.head_dim:
+                raise ValueError(f"model.mla_rope_dim={rope_dim} must be even and within [2, head_dim={self.head_dim}]")
+            if rank > 2 * self.n_heads * self.head_dim:
+                raise ValueError(f"model.kv_lora_rank={rank} is above 2 * n_heads * head_dim = "
+                                 f"{2 * self.n_heads * self.head_dim}: the latent would be larger than MHA's cache")
+            if self.rope_fraction != 1 or self.qk_norm or self.attn_sinks or self.dca_chunk_size:
+                raise ValueError("model.attn_type='mla' has its own decoupled RoPE key and latent norm; leave "
+                                 "rope_fraction at 1 and qk_norm, attn_sinks, dca_chunk_size off")
+        if self.dca_chunk_size:
+            if self.attn_backend != "sdpa":
+                raise ValueError("model.dca_chunk_size needs model.attn_backend='sdpa' (DCA picks one of three "
+                                 "scores per query-key pair, which flex's BlockMask cannot express)")
+            if self.sliding_window or self.attn_chunk_size or self.attn_sinks or self.yarn_factor != 1:
+                raise ValueError("model.dca_chunk_size cannot be combined with sliding_window, attn_chunk_size, "
+                                 "attn_sinks or yarn_factor (DCA and YaRN are two ways to extend the context)")
+            if self.dca_chunk_size + self.dca_local_window > self.max_seq_len:
+                raise ValueError(f"model.dca_chunk_size + dca_local_window = "
+                                 f"{self.dca_chunk_size + self.dca_local_window} exceeds model.max_seq_len="
+                                 f"{self.max_seq_len}")
+
+    def layer_kinds(self) -> str:
+        """One letter per layer: G global attention, S sliding window, C chunked, L linear attention."""
+        if self.layer_pattern:
+            return self.layer_pattern
+        return ("S" if self.sliding_window else "C" if self.attn_chunk_size else "G") * self.n_layers
+
+    @property
+    def mla_dims(self) -> tuple[int, int]:
+        """(RoPE key width, latent width) of MLA, defaults resolved: (head_dim / 2, 4 * head_dim)."""
+        return self.mla_rope_dim or self.head_dim // 2, self.kv_lora_rank or 4 * self.head_dim
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Width of the vectors RoPE rotates: a head, or MLA's decoupled RoPE key."""
+        return self.mla_dims[0] if self.attn_type == "mla" else self.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -70,7 +163,35 @@ def count_params(cfg: ModelConfig) -> int:
     h, d_h = cfg.d_model, cfg.head_dim
     per_layer = 2 * h * cfg.n_heads * d_h + 2 * h * cfg.n_kv_heads * d_h + 3 * h * cfg.d_ff + 2 * h
     embeddings = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
-    return embeddings + cfg.n_layers * per_layer + h
+    return embeddings + cfg.n_layers * per_layer + h + attention_variant_params(cfg)
+
+
+def _attention_matmul_params(cfg: ModelConfig, kind: str) -> int:
+    """Weights of one layer's attention (or linear attention) matrices."""
+    h, n_h, d_h = cfg.d_model, cfg.n_heads, cfg.head_dim
+    if kind == "L":  # q, k, v, forget gate, output gate, output
+        return 6 * h * n_h * d_h
+    if cfg.attn_type == "mla":  # q (nope + rope), down to latent + RoPE key, up to K and V, output
+        rope_dim, rank = cfg.mla_dims
+        return h * n_h * (d_h + rope_dim) + h * (rank + rope_dim) + 2 * rank * n_h * d_h + n_h * d_h * h
+    return 2 * h * n_h * d_h + 2 * h * cfg.n_kv_heads * d_h
+
+
+def attention_variant_params(cfg: ModelConfig) -> int:
+    """What the attention variants add to (or remove from) the plain formula above; 0 by default.
+
+    MLA: its matrices instead of Q/K/V/O, plus the latent's norm weights; linear layers: six
+    matrices and a per-head norm; QK-norm: two d_h weight vectors per layer; sinks: one per head."""
+    plain = 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+    extra = 0
+    for kind in cfg.layer_kinds():
+        extra += _attention_matmul_params(cfg, kind) - plain
+        if kind == "L":
+            extra += cfg.head_dim
+        else:
+            extra += (cfg.mla_dims[1] if cfg.attn_type == "mla" else 0) + 2 * cfg.head_dim * cfg.qk_norm \
+                + cfg.n_heads * cfg.attn_sinks
+    return extra
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -82,7 +203,27 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     h = cfg.d_model
     matmul_per_layer = 2 * h * cfg.n_heads * cfg.head_dim + 2 * h * cfg.n_kv_heads * cfg.head_dim + 3 * h * cfg.d_ff
     n_matmul = cfg.n_layers * matmul_per_layer + cfg.vocab_size * h
-    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return (6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+            + attention_variant_flops(cfg, seq_len))
+
+
+def attention_variant_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token that the attention variants add to flops_per_token; 0 by default.
+
+    Matmul weights change as in attention_variant_params. The score term 12 * n_h * d_h * T is
+    6 * n_h * T * (qk width + v width): MLA's qk width is d_h + rope_dim; a linear-attention layer
+    writes and reads a d_h x d_h state instead of T keys, so T becomes d_h there."""
+    h, n_h, d_h = cfg.d_model, cfg.n_heads, cfg.head_dim
+    plain_matmul = 2 * h * n_h * d_h + 2 * h * cfg.n_kv_heads * d_h
+    plain_scores = 12 * n_h * d_h * seq_len
+    extra = 0
+    for kind in cfg.layer_kinds():
+        extra += 6 * (_attention_matmul_params(cfg, kind) - plain_matmul)
+        if kind == "L":
+            extra += 12 * n_h * d_h * d_h - plain_scores
+        elif cfg.attn_type == "mla":
+            extra += 6 * n_h * seq_len * cfg.mla_dims[0]
+    return extra
 
 
 class RMSNorm(nn.Module):
@@ -120,13 +261,41 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.attn_backend)
+        self.attn = make_attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, self.layer)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The attention module of one layer, from its kind (cfg.layer_kinds()) and the variant fields."""
+    kind = cfg.layer_kinds()[layer]
+    if kind == "L":
+        return GatedLinearAttention(cfg.d_model, cfg.n_heads, cfg.gla_chunk_size, cfg.norm_eps)
+    use_rope = rope_layers(cfg.n_layers, cfg.nope_every)[layer]
+    window = cfg.sliding_window if kind == "S" else 0
+    chunk = cfg.attn_chunk_size if kind == "C" else 0
+    if cfg.attn_type == "mla":
+        rope_dim, rank = cfg.mla_dims
+        return MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, rank, rope_dim, cfg.attn_backend,
+                                        use_rope=use_rope, window=window, chunk=chunk, norm_eps=cfg.norm_eps)
+    dca_rope = None
+    if cfg.dca_chunk_size:
+        dca_rope = rope_frequencies(cfg.head_dim, cfg.dca_chunk_size + cfg.dca_local_window, cfg.rope_base,
+                                    fraction=cfg.rope_fraction)
+    return CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.attn_backend, use_rope=use_rope,
+                               qk_norm=cfg.qk_norm, sinks=cfg.attn_sinks, window=window, chunk=chunk,
+                               dca_chunk=cfg.dca_chunk_size, dca_local_window=cfg.dca_local_window,
+                               dca_rope=dca_rope, norm_eps=cfg.norm_eps)
+
+
+def describe_layers(cfg: ModelConfig) -> str:
+    """One token per layer, e.g. 'G G G G/nope': the layer pattern as the model summary shows it."""
+    rope = rope_layers(cfg.n_layers, cfg.nope_every)
+    return " ".join(kind + ("" if kind == "L" or rope[i] else "/nope") for i, kind in enumerate(cfg.layer_kinds()))
 
 
 def cross_entropy_with_z_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -244,7 +413,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, seen by both
         self.activation_checkpointing = False  # set by train.py; recompute blocks in backward
-        cos, sin = rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        original_len = cfg.yarn_original_seq_len or round(cfg.max_seq_len / cfg.yarn_factor)
+        cos, sin = rope_frequencies(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_base, fraction=cfg.rope_fraction,
+                                    yarn_factor=cfg.yarn_factor, yarn_original_len=original_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -264,19 +435,29 @@ class Transformer(nn.Module):
 
         doc_ids (B, T) restricts attention to tokens of the same document."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        start = kv_cache.reserve(T) if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}; raise model.max_seq_len or shorten the input")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        mask = None if kv_cache is not None else build_attention_mask(
-            self.cfg.attn_backend, doc_ids, B, T, idx.device)
+        masks = {}  # one mask per kind of layer, shared by the layers of that kind
+        for kind in set(self.cfg.layer_kinds()):
+            if kind == "L":
+                masks[kind] = doc_ids if kv_cache is None else None
+            elif kv_cache is None:
+                masks[kind] = build_attention_mask(self.cfg.attn_backend, doc_ids, B, T, idx.device,
+                                                   window=self.cfg.sliding_window if kind == "S" else 0,
+                                                   chunk=self.cfg.attn_chunk_size if kind == "C" else 0)
+            else:
+                masks[kind] = None
         x = self.embed_tokens(idx)
         if torch.is_autocast_enabled(x.device.type):
             # the residual stream in the compute dtype (bf16), as under FSDP's mixed precision: half
             # the memory traffic of every norm and residual add
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        kinds = self.cfg.layer_kinds()
         for block in self.blocks:
+            mask = masks[kinds[block.layer]]
             if self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
@@ -288,25 +469,60 @@ class Transformer(nn.Module):
         return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, self.cfg.z_loss_coef)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len or self.cfg.max_seq_len,
-                       self.cfg.head_dim, p.dtype, p.device)
+        """The cache generate() uses: K/V per attention layer (MLA: latent + RoPE key), and a
+        fixed-size state per linear-attention layer."""
+        cfg, p = self.cfg, self.lm_head.weight
+        kinds = cfg.layer_kinds()
+        attn_layers = [i for i, kind in enumerate(kinds) if kind != "L"]
+        if cfg.attn_type == "mla":
+            rope_dim, rank = cfg.mla_dims
+            cache = KVCache(len(attn_layers), batch_size, 1, max_len or cfg.max_seq_len, rank, p.dtype, p.device,
+                            value_dim=rope_dim, layers=attn_layers)
+        else:
+            cache = KVCache(len(attn_layers), batch_size, cfg.n_kv_heads, max_len or cfg.max_seq_len,
+                            cfg.head_dim, p.dtype, p.device, layers=attn_layers)
+        for i, kind in enumerate(kinds):
+            if kind == "L":
+                cache.states[i] = torch.zeros(batch_size, cfg.n_heads, cfg.head_dim, cfg.head_dim,
+                                              dtype=p.dtype, device=p.device)
+        return cache
+
+    def new_streaming_cache(self, batch_size: int, n_sink: int, window: int) -> StreamingKVCache:
+        """StreamingLLM's bounded cache: the first n_sink tokens plus the last `window`."""
+        cfg, p = self.cfg, self.lm_head.weight
+        if cfg.attn_type != "gqa" or cfg.dca_chunk_size or set(cfg.layer_kinds()) != {"G"}:
+            raise ValueError("streaming generation needs global gqa attention layers (no MLA, DCA, window, "
+                             "chunk or linear layers)")
+        if n_sink < 0 or window < 1 or n_sink + window > cfg.max_seq_len:
+            raise ValueError(f"streaming needs n_sink >= 0, window >= 1 and n_sink + window <= "
+                             f"model.max_seq_len={cfg.max_seq_len}; got {n_sink} + {window}")
+        return StreamingKVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device,
+                                n_sink, window, self.rope_cos, self.rope_sin)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True, eos_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, stream_window: int = 0,
+                 stream_sinks: int = 4) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens; temperature 0 is greedy, top_k keeps the k best.
 
         With use_cache the prompt is processed once and each new token attends to cached keys and
         values; without it the whole sequence is recomputed every step. Both give the same tokens.
+        stream_window > 0 generates StreamingLLM-style in a bounded cache (stream_sinks first
+        tokens + the last stream_window), past max_seq_len if asked.
         Stops early once every row has produced eos_id."""
-        if idx.shape[1] + max_new_tokens > self.cfg.max_seq_len:
+        if not stream_window and idx.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"model.max_seq_len={self.cfg.max_seq_len}")
-        cache = self.new_kv_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         step_input = idx
+        if stream_window:
+            cache, use_cache = self.new_streaming_cache(idx.shape[0], stream_sinks, stream_window), True
+            *head, step_input = idx.split(stream_window, dim=1)
+            for piece in head:  # a long prompt enters the bounded cache one window at a time
+                self(piece, kv_cache=cache)
+        else:
+            cache = self.new_kv_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             logits = self(step_input if use_cache else idx, kv_cache=cache)[:, -1, :].float()
             next_id = sample_next_token(logits, temperature, top_k, generator)

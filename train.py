@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
-from model import ModelConfig, Transformer, count_params, flops_per_token
+from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
 from optim import OptimConfig, build_optimizer, describe_groups, lr_at
 
 
@@ -278,6 +278,8 @@ def all_reduce_mean(x: float, device: torch.device) -> float:
 # Keys that may change between stages of one run: long-context extension raises max_seq_len and
 # the RoPE base (ABF), and the attention kernel does not change the math.
 RESUMABLE_MODEL_CHANGES = {"max_seq_len", "rope_base", "attn_backend"}
+# YaRN and DCA extend the context of trained weights without touching them.
+RESUMABLE_MODEL_CHANGES |= {"yarn_factor", "yarn_original_seq_len", "dca_chunk_size", "dca_local_window"}
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
@@ -527,6 +529,8 @@ def train(cfg: dict) -> dict:
     peak = peak_flops_per_device(device, tcfg.peak_flops)
     log(f"model: {count_params(mcfg):,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, "
         f"{mcfg.n_heads} heads / {mcfg.n_kv_heads} KV heads, {'tied' if mcfg.tie_embeddings else 'untied'} embeddings)")
+    log(f"layers ({mcfg.attn_type}): {describe_layers(mcfg)} (G global, S sliding, C chunked, L linear; "
+        f"/nope: no RoPE)")
     log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
