@@ -116,8 +116,10 @@ def grouped_kernel(x: torch.Tensor, d_in: int, d_out: int, dtype: torch.dtype) -
     """"grouped_mm" where torch._grouped_mm can run these shapes on this device, else "bmm".
 
     Its kernels want rows of 16-byte multiples; on CUDA they take bf16 (the training dtype), on CPU
-    (torch >= 2.9) any float type."""
+    (torch >= 2.9) any float type, but torch.compile's shape function accepts bf16 only."""
     if not hasattr(torch, "_grouped_mm") or (d_in * dtype.itemsize) % 16 or (d_out * dtype.itemsize) % 16:
+        return "bmm"
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return "bmm"
     if x.device.type == "cuda":
         return "grouped_mm" if dtype == torch.bfloat16 and _cuda_has_grouped_mm(x.device.index or 0) else "bmm"
@@ -479,3 +481,72 @@ def playbook_table() -> str:
         lines.append(f"{name:<20} {f'{routed}+{shared}':>9} {f'{k}+{shared}':>7} "
                      f"{sparsity(routed, shared, k):>9.1f} {granularity(d_model, d_expert):>6.2f} {params}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# python moe.py: the playbook's shapes; python moe.py demo: a tiny MoE vs a tiny dense model on CPU
+# --------------------------------------------------------------------------------------------
+
+DEMO_RUNS = {  # name: (config, extra overrides)
+    "dense": ("configs/tiny.toml", []),
+    "moe": ("configs/moe_tiny.toml", []),
+    "moe, no balancing": ("configs/moe_tiny.toml", ["--model.moe_balance_coef=0.0"]),
+    "moe, bias balancing": ("configs/moe_tiny.toml", ["--model.moe_balance_coef=0.0", "--model.moe_bias_rate=0.001"]),
+}
+
+
+def demo(steps: int, micro_batch_size: int, runs: list[str], out_dir: str) -> None:
+    """Train each run on the default corpus (one CPU thread), then print loss and balance side by side."""
+    import json
+    from pathlib import Path
+
+    from model import count_params
+    from train import load_config, train
+
+    every = max(1, steps // 5)
+    table = {}
+    for name in runs:
+        config, extra = DEMO_RUNS[name]
+        cfg = load_config(Path(__file__).parent / config, [
+            f"--train.name={name.replace(', ', '_').replace(' ', '_')}", f"--train.out_dir={out_dir}",
+            f"--train.max_steps={steps}", f"--train.micro_batch_size={micro_batch_size}", "--train.threads=1",
+            f"--train.log_interval={every}", f"--train.eval_interval={every}", "--train.ckpt_interval=0",
+            "--train.sample_tokens=0", "--optim.warmup_steps=20", *extra])
+        print(f"\n=== {name}: {count_params(cfg['model']):,} parameters, "
+              f"{active_params(cfg['model']) if cfg['model'].moe else count_params(cfg['model']):,} active ===")
+        summary = train(cfg)
+        rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        table[name] = {}
+        for r in rows:  # a step's training row and its validation row merge
+            table[name].setdefault(r["step"], {}).update(r)
+    print("\nstep | " + " | ".join(f"{n}: train loss / val loss / imbalance / dead / balance" if n != "dense"
+                                    else "dense: train loss / val loss" for n in runs))
+    for step in sorted(table[runs[0]]):
+        cells = []
+        for n in runs:
+            r = table[n].get(step, {})
+            cell = f"{r.get('loss', float('nan')):.3f} / {r.get('val_loss', float('nan')):.3f}"
+            if "moe/imbalance" in r:
+                cell += f" / {r['moe/imbalance']:.2f} / {r['moe/dead_experts']} / {r['moe/balance_loss']:.3f}"
+            cells.append(cell)
+        print(f"{step:>4} | " + " | ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import tempfile
+    p = argparse.ArgumentParser(description="MoE calculators (default) or the CPU demonstration (demo).")
+    p.add_argument("command", nargs="?", default="table", choices=["table", "demo"])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--runs", nargs="+", default=["dense", "moe"], choices=list(DEMO_RUNS))
+    p.add_argument("--out-dir", default=None, help="where the runs go (default: a fresh temporary folder)")
+    args = p.parse_args(argv)
+    if args.command == "table":
+        print(playbook_table())
+        return
+    demo(args.steps, args.micro_batch_size, args.runs, args.out_dir or tempfile.mkdtemp(prefix="moe_demo_"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
