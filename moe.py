@@ -322,8 +322,9 @@ def add_router_losses(model: nn.Module, loss: torch.Tensor, parts: dict) -> tupl
 def begin_moe_step(model: nn.Module, micro_batches: int) -> None:
     """Tell every MoE layer how many micro-batches (per rank) the coming optimizer step has."""
     for m in moe_layers(model):
+        if m.step_load is not None:  # a step that end_moe_step did not close still predicts this one
+            m._close_step()
         m.micro_batches_per_step = micro_batches
-        m.step_load = None
 
 
 @torch.no_grad()
