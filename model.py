@@ -53,6 +53,20 @@ class ModelConfig:
     dca_chunk_size: int = 0       # Dual Chunk Attention chunk (training-free extension); 0 = off
     dca_local_window: int = 0     # DCA: exact relative positions kept across a chunk boundary
     gla_chunk_size: int = 16      # chunk length of gated linear attention's parallel form
+    # Mixture of experts (moe.py): off by default; on, every layer from moe_dense_layers on has a MoE MLP.
+    moe: bool = False
+    moe_experts: int = 8              # routed experts per MoE layer
+    moe_top_k: int = 2                # routed experts per token
+    moe_d_expert: int = 0             # each expert's hidden width; 0 = d_ff. Granularity G = 2*d_model/d_expert
+    moe_shared_experts: int = 0       # always-active experts of width d_expert (DeepSeek-V3, Kimi K2: 1)
+    moe_dense_layers: int = 0         # the first layers keep the dense MLP (DeepSeek-V3: 3)
+    moe_score: str = "softmax"        # "softmax" (Mixtral, Qwen3, OLMoE) or "sigmoid" (DeepSeek-V3)
+    moe_renormalize: bool = True      # rescale the k chosen weights to sum to 1 (OLMoE: no)
+    moe_balance_coef: float = 0.01    # alpha in alpha * sum_i f_i * P_i
+    moe_balance_stats: str = "global"  # f, P over the global batch (all micro-batches, ranks) or "local"
+    moe_router_z_coef: float = 0.0    # router z-loss coefficient (ST-MoE: 1e-3)
+    moe_bias_rate: float = 0.0        # gamma of aux-loss-free bias balancing (DeepSeek-V3: 0.001)
+    moe_impl: str = "grouped"         # "grouped" (sorted tokens, grouped GEMM) or "reference" (loop)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -74,6 +88,29 @@ class ModelConfig:
         if self.attn_backend == "flex" and self.head_dim < 16:
             raise ValueError(f"model.attn_backend='flex' needs head_dim >= 16 (its GPU kernel's minimum), "
                              f"got d_model / n_heads = {self.head_dim}; use fewer heads or 'sdpa'")
+
+        if self.moe:
+            self._check_moe()
+
+    def _check_moe(self):
+        if self.moe_experts < 1:
+            raise ValueError(f"model.moe_experts={self.moe_experts}: a MoE layer needs at least 1 expert "
+                             f"(or set model.moe=false for a dense model)")
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts="
+                             f"{self.moe_experts}")
+        if not 0 <= self.moe_dense_layers < self.n_layers:
+            raise ValueError(f"model.moe_dense_layers={self.moe_dense_layers} must be in [0, n_layers="
+                             f"{self.n_layers}) so that at least one layer is MoE")
+        if self.moe_d_expert < 0 or self.moe_shared_experts < 0:
+            raise ValueError("model.moe_d_expert (0 = d_ff) and model.moe_shared_experts must be >= 0")
+        for key, value, valid in (("moe_score", self.moe_score, ("softmax", "sigmoid")),
+                                  ("moe_balance_stats", self.moe_balance_stats, ("global", "local")),
+                                  ("moe_impl", self.moe_impl, ("grouped", "reference"))):
+            if value not in valid:
+                raise ValueError(f"model.{key}={value!r} is not one of {valid}")
+        if min(self.moe_balance_coef, self.moe_router_z_coef, self.moe_bias_rate) < 0:
+            raise ValueError("model.moe_balance_coef, moe_router_z_coef and moe_bias_rate must be >= 0")
 
     def _check_attention_variants(self) -> None:
         """Invalid attention/position combinations stop here, one line each, before any work."""
@@ -163,7 +200,11 @@ def count_params(cfg: ModelConfig) -> int:
     h, d_h = cfg.d_model, cfg.head_dim
     per_layer = 2 * h * cfg.n_heads * d_h + 2 * h * cfg.n_kv_heads * d_h + 3 * h * cfg.d_ff + 2 * h
     embeddings = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
-    return embeddings + cfg.n_layers * per_layer + h + attention_variant_params(cfg)
+    n = embeddings + cfg.n_layers * per_layer + h + attention_variant_params(cfg)
+    if cfg.moe:  # MoE layers swap their dense MLP for router + experts (moe.py)
+        from moe import moe_params_delta
+        n += moe_params_delta(cfg)
+    return n
 
 
 def _attention_matmul_params(cfg: ModelConfig, kind: str) -> int:
@@ -203,6 +244,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     h = cfg.d_model
     matmul_per_layer = 2 * h * cfg.n_heads * cfg.head_dim + 2 * h * cfg.n_kv_heads * cfg.head_dim + 3 * h * cfg.d_ff
     n_matmul = cfg.n_layers * matmul_per_layer + cfg.vocab_size * h
+    if cfg.moe:  # a token meets the router, its top-k experts and the shared ones: active weights only
+        from moe import moe_params_delta
+        n_matmul += moe_params_delta(cfg, active=True)
     return (6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
             + attention_variant_flops(cfg, seq_len))
 
@@ -263,7 +307,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = make_attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+        if cfg.moe and layer >= cfg.moe_dense_layers:
+            from moe import MoE  # moe.py builds on this file (SwiGLU, ModelConfig)
+            self.mlp = MoE(cfg, layer)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, self.layer)
@@ -428,10 +476,13 @@ class Transformer(nn.Module):
                                       b=3 * self.cfg.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif hasattr(module, "reset_expert_parameters"):  # moe.RoutedExperts: stacked expert matrices
+                module.reset_expert_parameters(self.cfg.init_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None):
-        """Logits (B, T, V) when targets is None, else (loss, {"ce", "z_loss"}).
+        """Logits (B, T, V) when targets is None, else (loss, {"ce", "z_loss"}) (MoE models add
+        "balance_loss" and "router_z_loss", moe.add_router_losses).
 
         doc_ids (B, T) restricts attention to tokens of the same document."""
         B, T = idx.shape
@@ -466,7 +517,11 @@ class Transformer(nn.Module):
             kv_cache.pos += T
         if targets is None:
             return self.lm_head(self.norm(x))
-        return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, self.cfg.z_loss_coef)
+        loss_and_parts = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, self.cfg.z_loss_coef)
+        if not self.cfg.moe:
+            return loss_and_parts
+        from moe import add_router_losses
+        return add_router_losses(self, *loss_and_parts)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """The cache generate() uses: K/V per attention layer (MLA: latent + RoPE key), and a

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
 from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
+from moe import active_params, begin_moe_step, end_moe_step
 from optim import OptimConfig, build_optimizer, describe_groups, lr_at
 
 
@@ -531,6 +532,9 @@ def train(cfg: dict) -> dict:
         f"{mcfg.n_heads} heads / {mcfg.n_kv_heads} KV heads, {'tied' if mcfg.tie_embeddings else 'untied'} embeddings)")
     log(f"layers ({mcfg.attn_type}): {describe_layers(mcfg)} (G global, S sliding, C chunked, L linear; "
         f"/nope: no RoPE)")
+    if mcfg.moe:
+        log(f"moe: {mcfg.moe_experts} experts, top-{mcfg.moe_top_k}, {mcfg.moe_shared_experts} shared, in layers "
+            f"{mcfg.moe_dense_layers}..{mcfg.n_layers - 1}; {active_params(mcfg):,} parameters active per token")
     log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
@@ -558,6 +562,8 @@ def train(cfg: dict) -> dict:
             group["lr"] = lr
         parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
         micro_batches = loader.next_step(tcfg.micro_batch_size, tcfg.grad_accum_steps)
+        if mcfg.moe:  # balance statistics cover every micro-batch of the step (moe.py)
+            begin_moe_step(model, len(micro_batches))
         try:
             for i, (x, y, doc) in enumerate(micro_batches):
                 x, y, doc = (t.to(device, non_blocking=True) for t in (x, y, doc))
@@ -587,6 +593,7 @@ def train(cfg: dict) -> dict:
                 f"train.activation_checkpointing=true, use train.parallelism=fsdp, or shorten train.seq_len") from e
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
+        moe_row = end_moe_step(model) if mcfg.moe else {}  # load metrics; the aux-loss-free bias update
         tokens += tokens_per_step
         done = step + 1
 
@@ -601,8 +608,12 @@ def train(cfg: dict) -> dict:
                    "grad_norm": float(grad_norm), "tok_per_s": tok_per_s}
             if peak:
                 row["mfu"] = tok_per_s * fpt / (peak * world)
+            row.update(moe_row)
             record(row)
             mfu = f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+            if moe_row:
+                mfu += (f" | moe imbalance {moe_row['moe/imbalance']:.2f} dead {moe_row['moe/dead_experts']} "
+                        f"balance {moe_row['moe/balance_loss']:.3f}")
             log(f"step {done:>6} | loss {loss_avg:.4f} | lr {lr:.2e} | grad_norm {row['grad_norm']:.3f} | "
                 f"{tok_per_s:,.0f} tok/s{mfu}")
             t_last, tokens_last = time.time(), tokens
