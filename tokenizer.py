@@ -6,7 +6,8 @@ cut into chunks by a regex (words, numbers, punctuation, whitespace) and merges 
 
 The playbook's findings this file serves: vocabularies of ~50k suit English-only models and 100k+
 multilingual ones, and sizes should be a multiple of 128 (efficient embedding matmuls); digits are
-split one by one, as in the Llama 3 / SmolLM3 tokenizers, so arithmetic always sees single digits.
+split one by one, as SmolLM2's tokenizer does (Llama 3's, which SmolLM3 adopted, groups up to three),
+so arithmetic always sees single digits.
 Training returns a `tiktoken.Encoding`, so encoding during data preparation is fast Rust.
 """
 

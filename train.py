@@ -646,6 +646,7 @@ def train(cfg: dict) -> dict:
     if val_loss is not None:
         log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
     if dist.is_initialized():
+        dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort
         dist.destroy_process_group()
     return summary
 
