@@ -646,7 +646,10 @@ def train(cfg: dict) -> dict:
     if val_loss is not None:
         log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
     if dist.is_initialized():
-        dist.barrier()  # leave together: a gloo rank torn down while its peer still writes can abort
+        # Tear down in order: DDP's reducer before the process group it uses, and ranks together;
+        # left to the garbage collector after destroy, a gloo rank could hang or abort at exit.
+        del train_model
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
