@@ -309,8 +309,8 @@ def from_gguf(path) -> tiktoken.Encoding:
     tiktoken merges the adjacent pair whose concatenation has the lowest rank, Hugging Face the
     pair that comes first in the merge list; with rank = token id these agree when ids follow the
     merge order, which is checked. Special tokens (GGUF token type 3 or 4) are tiktoken specials.
-    SmolLM2's vocabulary lacks 21 of the 256 bytes (six ASCII control characters and lead bytes
-    that valid UTF-8 text of assigned characters never uses); Hugging Face silently drops them,
+    SmolLM2's vocabulary lacks 21 of the 256 bytes (six ASCII control characters, the lead bytes
+    of two unassigned Unicode planes, and the 13 bytes valid UTF-8 never uses); Hugging Face silently drops them,
     tiktoken needs every byte, so they get ids past the model's vocabulary (n_vocab grows by 21)."""
     import weights  # GGUF reading (and the optional gguf package) lives there
 
