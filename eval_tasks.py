@@ -68,7 +68,8 @@ class Task:
     name: str
     kind: str                      # "choice" | "gen" | "code" (HumanEval: run the unit tests)
     items: list
-    stops: list[str] = field(default_factory=lambda: ["\n\n", "\nQuestion:"])
+    # generation ends at a blank line, the next question, or a chat model's end of turn
+    stops: list[str] = field(default_factory=lambda: ["\n\n", "\nQuestion:", "<|im_end|>"])
 
     @property
     def random_baseline(self) -> float:
