@@ -49,7 +49,6 @@ re-runs forward passes would count micro-batches twice; it is not used here.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -491,6 +490,10 @@ def playbook_table() -> str:
 DEMO_RUNS = {  # name: (config, extra overrides)
     "dense": ("configs/tiny.toml", []),
     "moe": ("configs/moe_tiny.toml", []),
+    # Global and local statistics only differ when a step has several micro-batches (or ranks):
+    "moe, global, 4 micro": ("configs/moe_tiny.toml", ["--train.micro_batch_size=2", "--train.grad_accum_steps=4"]),
+    "moe, local, 4 micro": ("configs/moe_tiny.toml", ["--train.micro_batch_size=2", "--train.grad_accum_steps=4",
+                                                      "--model.moe_balance_stats=local"]),
     "moe, no balancing": ("configs/moe_tiny.toml", ["--model.moe_balance_coef=0.0"]),
     "moe, bias balancing": ("configs/moe_tiny.toml", ["--model.moe_balance_coef=0.0", "--model.moe_bias_rate=0.001"]),
 }

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from conftest import ROOT, tiny_overrides
 from model import ModelConfig, Transformer, count_params, flops_per_token
@@ -60,7 +59,7 @@ def test_one_expert_top1_equals_the_dense_mlp_with_the_same_weights(impl):
     idx = torch.randint(0, 97, (3, 20))
     torch.testing.assert_close(sparse(idx), dense(idx), rtol=0, atol=1e-6)
     dense.eval(), sparse.eval()
-    (loss_d, parts_d), (loss_s, parts_s) = dense(idx, idx), sparse(idx, idx)
+    (loss_d, _), (loss_s, parts_s) = dense(idx, idx), sparse(idx, idx)
     torch.testing.assert_close(loss_s, loss_d, rtol=0, atol=1e-6)  # evaluation: cross-entropy only
     assert parts_s["balance_loss"].item() == pytest.approx(1.0)     # one expert: f = P = 1
 
@@ -392,10 +391,13 @@ def test_gpu_grouped_gemm_matches_reference_in_bf16_and_compiles():
         layer.experts.impl = impl
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs[impl] = layer(x).float()
-    torch.testing.assert_close(outs["grouped"], outs["reference"], rtol=2e-2, atol=2e-3)
+    def rel_err(a, b):  # bf16: compare the whole tensor, relative to its size
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel_err(outs["grouped"], outs["reference"]) < 1e-2
     compiled = torch.compile(layer)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = compiled(x).float()
     out.sum().backward()
-    torch.testing.assert_close(out, outs["grouped"], rtol=2e-2, atol=2e-3)
+    assert rel_err(out, outs["grouped"]) < 1e-2
     assert layer.experts.w_down.grad is not None
