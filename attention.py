@@ -566,12 +566,13 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
     out = []
     for t in range(T):
         if doc_ids is not None and t > 0:
-            S = S * (doc_ids[:, t] == doc_ids[:, t - 1]).view(B, 1, 1, 1)
+            S = S * (doc_ids[:, t] == doc_ids[:, t - 1]).reshape(B, 1, 1, 1)
         S = log_decay[:, :, t, :, None].float().exp() * S + k[:, :, t, :, None].float() * v[:, :, t, None, :].float()
         out.append((q[:, :, t, :, None].float() * S).sum(-2))
     return torch.stack(out, dim=2).type_as(v), S
 
 
+@torch.compiler.disable  # eager inside a compiled block: compiling would unroll the chunk loop
 def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk: int,
                 state: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
     """The same outputs and final state as `gla_recurrent`, computed chunk-parallel.
@@ -603,15 +604,21 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: to
     chunk_decay = b[..., -1, :].exp()  # (B, H, N, dk)
     prev_doc = torch.cat([doc[..., :1, 0], doc[..., :-1, -1]], dim=-1)  # document alive at each chunk's start
     S = q.new_zeros(B, H, dk, dv) if state is None else state.float()
-    states = []
-    for n in range(N):
-        states.append(S)
-        carries = (last_doc[..., n, 0] == prev_doc[..., n]).view(B, 1, 1, 1)
-        S = chunk_decay[:, :, n, :, None] * S * carries + contrib[:, :, n]
-    entering = torch.stack(states, dim=2)  # (B, H, N, dk, dv)
+    carries = (last_doc[..., 0] == prev_doc).reshape(B, 1, N, 1, 1)  # the state survives chunk n
+    entering, S = _gla_state_scan(S, chunk_decay, contrib, carries)
     continues = (doc == prev_doc[..., None])[..., None]
     out = out + (q_dec @ entering) * continues
-    return out.reshape(B, H, N * chunk, dv)[:, :, :T].type_as(v), S
+    return out.reshape(B, H, N * chunk, dv)[:, :, :T].contiguous().type_as(v), S
+
+
+def _gla_state_scan(S: torch.Tensor, chunk_decay: torch.Tensor, contrib: torch.Tensor,
+                    carries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """States entering each chunk (B, H, N, dk, dv), and the final state."""
+    states = []
+    for n in range(contrib.shape[2]):
+        states.append(S)
+        S = chunk_decay[:, :, n, :, None] * S * carries[:, :, n] + contrib[:, :, n]
+    return torch.stack(states, dim=2), S
 
 
 class GatedLinearAttention(nn.Module):
@@ -638,7 +645,7 @@ class GatedLinearAttention(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         """`mask` is the batch's doc_ids here (or None): a linear layer has no attention matrix."""
         B, T, _ = x.shape
-        heads = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2).contiguous()  # noqa: E731
         q = heads(self.q_proj(x)) * self.head_dim ** -0.5
         k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
         log_decay = (F.logsigmoid(heads(self.gate_proj(x)).float()) / 16).clamp(min=GLA_MIN_LOG_DECAY)
