@@ -44,7 +44,7 @@ their gradients exactly the global one, provided every micro-batch uses f^G. How
   two can be compared; whichever is trained, end_moe_step logs both values over the whole step.
 The counts are taken in training forward passes with gradients enabled only (not in evaluation,
 not in generation), so every rank runs the same collectives. Activation checkpointing that
-re-runs forward passes would count micro-batches twice; it is not used here.
+re-runs forward passes would count micro-batches twice, so train.py refuses it for MoE models.
 """
 
 from __future__ import annotations
@@ -249,7 +249,8 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         self._router_losses(logits, scores, experts)
-        return out.view(shape)
+        # routing runs in float32; the layer's output keeps the residual stream's dtype (bf16 on GPU)
+        return out.view(shape).to(x.dtype)
 
     def _router_losses(self, logits, scores, experts) -> None:
         n_tokens = logits.shape[0]

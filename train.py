@@ -184,6 +184,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             cfg[section] = cls(**kwargs)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+    if cfg["model"].moe and cfg["train"].activation_checkpointing:
+        raise ConfigError("train.activation_checkpointing cannot be combined with model.moe: recomputing a MoE "
+                          "layer in backward would count its tokens twice in the balance statistics")
     if cfg["train"].seq_len > cfg["model"].max_seq_len:
         raise ConfigError(f"train.seq_len={cfg['train'].seq_len} is longer than model.max_seq_len="
                           f"{cfg['model'].max_seq_len}; lower the first or raise the second")
@@ -589,8 +592,9 @@ def train(cfg: dict) -> dict:
             raise ConfigError(
                 f"out of GPU memory at step {step + 1} ({count_params(mcfg) / 1e9:.2f}B parameters, micro-batch "
                 f"{tcfg.micro_batch_size} x {tcfg.seq_len} tokens, parallelism={tcfg.parallelism}); lower "
-                f"train.micro_batch_size (raise train.grad_accum_steps to keep the global batch), set "
-                f"train.activation_checkpointing=true, use train.parallelism=fsdp, or shorten train.seq_len") from e
+                f"train.micro_batch_size (raise train.grad_accum_steps to keep the global batch), "
+                f"{'' if mcfg.moe else 'set train.activation_checkpointing=true, '}use train.parallelism=fsdp, "
+                f"or shorten train.seq_len") from e
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
         moe_row = end_moe_step(model) if mcfg.moe else {}  # load metrics; the aux-loss-free bias update

@@ -401,3 +401,20 @@ def test_gpu_grouped_gemm_matches_reference_in_bf16_and_compiles():
     out.sum().backward()
     assert rel_err(out, outs["grouped"]) < 1e-2
     assert layer.experts.w_down.grad is not None
+
+
+def test_moe_output_keeps_the_residual_dtype_and_refuses_activation_checkpointing():
+    """Routing runs in float32 but a MoE layer returns its input's dtype (a bf16 residual stream
+    stays bf16); and activation checkpointing, which would count tokens twice, is refused."""
+    from model import ModelConfig, Transformer
+    from train import ConfigError, load_config
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                                moe=True, moe_experts=4, moe_top_k=2))
+    x = torch.randn(2, 8, 32, dtype=torch.bfloat16)
+    for impl in ("grouped", "reference"):
+        layer = m.blocks[1].mlp.to(torch.bfloat16)
+        layer.experts.impl = impl
+        assert layer(x).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="activation_checkpointing cannot be combined with model.moe"):
+        load_config(None, ["--model.moe=true", "--train.activation_checkpointing=true"])
