@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import tomllib
@@ -324,7 +325,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dic
             "config": config_dict(cfg)}
     master = not dist.is_initialized() or dist.get_rank() == 0
     if sharded:
-        import shutil
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         path, tmp = run_dir / f"ckpt_{step:07d}", run_dir / f"ckpt_{step:07d}.tmp"
@@ -346,7 +346,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dic
             os.replace(tmp, path)
     if master:
         for old in checkpoint_paths(run_dir)[:-keep]:
-            old.unlink() if old.is_file() else __import__("shutil").rmtree(old)
+            old.unlink() if old.is_file() else shutil.rmtree(old)
     return path
 
 
