@@ -72,11 +72,16 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     mcfg = cfg["model"]
     torch._dynamo.reset()  # SDPA's kernel is chosen at trace time: no graph reuse across variants
     # "sdpa-cudnn" pins SDPA to cuDNN's fused attention (flash and mem-efficient disabled)
-    cudnn_only = backend == "sdpa-cudnn"
+    # "sdpa-fa3" routes SDPA's flash kernel to FlashAttention-3 (needs the flash_attn_interface
+    # package, Hopper only); the other SDPA kernels are disabled so that it is the one timed
+    cudnn_only, fa3 = backend == "sdpa-cudnn", backend == "sdpa-fa3"
     torch.backends.cuda.enable_flash_sdp(not cudnn_only)
-    torch.backends.cuda.enable_mem_efficient_sdp(not cudnn_only)
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    mcfg.attn_backend = "sdpa" if cudnn_only else backend
+    torch.backends.cuda.enable_mem_efficient_sdp(not (cudnn_only or fa3))
+    torch.backends.cuda.enable_cudnn_sdp(not fa3)
+    if fa3:
+        from torch.nn.attention import activate_flash_attention_impl
+        activate_flash_attention_impl("FA3")
+    mcfg.attn_backend = "sdpa" if backend.startswith("sdpa") else backend
     torch.manual_seed(0)
     model = Transformer(mcfg).cuda()
     model.activation_checkpointing = activation_checkpointing
@@ -100,6 +105,9 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     if profile_dir is not None:
         profile_top_kernels(step, profile_dir / f"profile_{backend}.txt")
     result = summarize(times, batch * T, flops_per_token(mcfg, T))
+    if fa3:
+        from torch.nn.attention import restore_flash_attention_impl
+        restore_flash_attention_impl()
     del model, opt
     return result
 
@@ -147,7 +155,8 @@ def bench_hf(cfg: dict, batch: int, steps: int, warmup: int, compile_model: bool
     from transformers import LlamaConfig, LlamaForCausalLM
     m = cfg["model"]
     torch._dynamo.reset()
-    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp):
+    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                   torch.backends.cuda.enable_cudnn_sdp):
         enable(True)
     hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                          num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
@@ -217,7 +226,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the config's)")
-    p.add_argument("--backends", default="sdpa", help="comma-separated attention back ends for our model")
+    p.add_argument("--backends", default="sdpa",
+                   help="comma-separated attention back ends for our model: sdpa, sdpa-cudnn, sdpa-fa3, flex")
     p.add_argument("--vs-hf", action="store_true", help="also time HF transformers' LlamaForCausalLM")
     p.add_argument("--doc-masking", action="store_true",
                    help="compare flex with corpus document masks against SDPA/flex plain causal")
