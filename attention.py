@@ -66,7 +66,7 @@ def rope_frequencies(head_dim: int, max_seq_len: int, base: float,
     `yarn_factor` > 1 rescales the frequencies with YaRN (see `yarn_frequencies`)."""
     rot = rotary_dim(head_dim, fraction)
     inv_freq = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
-    inv_freq, mscale = yarn_frequencies(inv_freq, yarn_factor, yarn_original_len or max_seq_len)
+    inv_freq, mscale = yarn_frequencies(inv_freq, yarn_factor, yarn_original_len or max_seq_len, base)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
     # YaRN's attention temperature multiplies q and k alike, so scores scale by mscale^2.
     return (angles.cos() * mscale).float(), (angles.sin() * mscale).float()
@@ -77,20 +77,33 @@ def rotary_dim(head_dim: int, fraction: float) -> int:
     return 2 * max(1, round(head_dim * fraction / 2))
 
 
-def yarn_frequencies(inv_freq: torch.Tensor, factor: float, original_len: int,
+def yarn_frequencies(inv_freq: torch.Tensor, factor: float, original_len: int, base: float,
                      beta_fast: float = 32.0, beta_slow: float = 1.0) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023): (new inverse frequencies, attention scale) for context x factor.
 
     A pair that turns many times within the original context (r = original_len / wavelength above
     beta_fast) encodes local order: it keeps its frequency. A pair that turns less than beta_slow
     times has never seen longer distances: its frequency is divided by the factor (position
-    interpolation). Pairs in between blend linearly. Scores get a temperature 0.1 ln(factor) + 1.
+    interpolation). Pairs in between blend, linearly in the pair index between the (rounded) pairs
+    where r crosses beta_fast and beta_slow: the YaRN authors' code and Hugging Face's
+    `_compute_yarn_parameters` do this, so real checkpoints extended with YaRN behave the same here
+    (the paper writes the ramp linear in r instead). q and k are each scaled by
+    mscale = 0.1 ln(factor) + 1, so scores on the rotated dims get mscale^2.
     With factor 1 every frequency and the scale are unchanged: plain RoPE."""
-    turns = original_len * inv_freq / (2 * math.pi)
-    keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)  # 1: keep, 0: interpolate
+    if factor <= 1:
+        return inv_freq, 1.0
+    n = inv_freq.shape[0]
+
+    def pair_index(turns: float) -> float:  # pair i turns original_len / (2 pi) * base^(-i / n) times
+        return n * math.log(original_len / (2 * math.pi * turns)) / math.log(base)
+
+    low = max(math.floor(pair_index(beta_fast)), 0)
+    high = min(math.ceil(pair_index(beta_slow)), 2 * n - 1)
+    high = high + 0.001 if high == low else high
+    ramp = ((torch.arange(n, dtype=inv_freq.dtype, device=inv_freq.device) - low) / (high - low)).clamp(0.0, 1.0)
+    keep = 1 - ramp  # 1: keep the frequency, 0: interpolate
     new_inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
-    mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return new_inv_freq, mscale
+    return new_inv_freq, 0.1 * math.log(factor) + 1.0
 
 
 def rope_layers(n_layers: int, nope_every: int) -> list[bool]:
@@ -552,7 +565,7 @@ class MultiHeadLatentAttention(nn.Module):
 # Gated linear attention (for hybrid models)
 # --------------------------------------------------------------------------------------------
 
-GLA_MIN_LOG_DECAY = -5.0  # forget at most 1 - e^-5 of the state per step: keeps exp(+-cumsum) finite in float32
+GLA_MIN_LOG_DECAY = -5.0  # forget at most 1 - e^-5 per step: exp(+-cumsum) over a chunk of <= 16 fits float32
 
 
 def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,

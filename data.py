@@ -8,7 +8,7 @@ The story this file tells, in the playbook's order:
    worked answers). No download, ever.
 2. Tokenizing to shards: each source becomes a flat stream of token ids with EOS after every
    document, written as a memmap-able binary with a small header (so a truncated file is caught).
-   Documents are split into train and validation by a seeded hash, never by position.
+   Documents are split into train and validation by a seeded permutation, never by position.
 3. Packing: a window of seq_len+1 tokens is cut from the stream, and `doc_ids` number the documents
    inside it (a new id after each EOS), so attention can be masked within documents.
 4. Pre-shuffled order: each source's windows are visited in a seeded permutation that changes every
@@ -209,11 +209,22 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> int:
 
 def split_documents(docs: list[str], val_fraction: float, seed: int, source: str) -> dict[str, list[str]]:
     """Hold out whole documents (never a prefix of the corpus) as validation, chosen by seed."""
+    if len(docs) < 2:
+        raise ValueError(f"data source {source!r} has {len(docs)} document(s); it needs at least 2 (whole documents "
+                         f"are held out for validation): give it more files, or split a long text into several")
     order = np.random.default_rng([seed, _stable_hash(source)]).permutation(len(docs))
-    n_val = max(1, round(val_fraction * len(docs)))
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     val = set(order[:n_val].tolist())
     return {"train": [d for i, d in enumerate(docs) if i not in val],
             "val": [d for i, d in enumerate(docs) if i in val]}
+
+
+def limit_documents(docs: list[str], cfg: DataConfig, source: str) -> list[str]:
+    """At most cfg.max_docs documents of a source (a seeded choice, kept in corpus order)."""
+    if not cfg.max_docs:
+        return docs
+    keep = np.random.default_rng([cfg.seed, _stable_hash(source)]).permutation(len(docs))[:cfg.max_docs]
+    return [docs[i] for i in sorted(keep)]
 
 
 def _stable_hash(name: str) -> int:
@@ -347,13 +358,12 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print):
         if source not in SOURCES:
             raise FileNotFoundError(
                 f"no shards for data source {source!r} in {out} (expected {source}_train_000.bin and "
-                f"{source}_val_000.bin); make them with `python data.py --source {source} --files ...` "
+                f"{source}_val_000.bin); make them with `python data.py --source {source} --files ... "
+                f"--vocab-size {vocab_size} --seed {cfg.seed} --val-fraction {cfg.val_fraction:g}"
+                f"{f' --max-docs {cfg.max_docs}' if cfg.max_docs else ''}` (shards are kept per split recipe) "
                 f"or use only the embedded sources {sorted(SOURCES)}")
-        docs = corpus_documents(source)
-        if cfg.max_docs:
-            keep = np.random.default_rng([cfg.seed, _stable_hash(source)]).permutation(len(docs))[:cfg.max_docs]
-            docs = [docs[i] for i in sorted(keep)]
-        splits = split_documents(docs, cfg.val_fraction, cfg.seed, source)
+        splits = split_documents(limit_documents(corpus_documents(source), cfg, source), cfg.val_fraction,
+                                 cfg.seed, source)
         for split, docs in splits.items():
             write_shards(docs, tok_path, out / f"{source}_{split}", cfg.num_workers, f"{source}/{split}")
         log(f"tokenized {source}: {len(splits['train'])} train / {len(splits['val'])} val documents")
@@ -407,7 +417,9 @@ class MixtureLoader:
     so after n samples every source has within one sample of its share. Distribution: a step's
     global batch is one run of samples; rank r's micro-batch m is its slice
     [(m * world + r) * B, ... + B), so any (world, grad_accum) split of the same global batch sees
-    the same samples. State: the sample counter and the per-source counts."""
+    the same samples. State: the sample counter and the per-source counts, plus where the current
+    mixture stage began: resuming with other weights starts a new stage, whose deficits count from
+    there (each source still continues its own permutation, so nothing is repeated early)."""
 
     def __init__(self, shard_dir: str | os.PathLike, weights: dict[str, float], split: str, seq_len: int,
                  seed: int, eot: int, rank: int = 0, world_size: int = 1, fingerprint: int | None = None):
@@ -425,6 +437,7 @@ class MixtureLoader:
         self.seed, self.eot, self.rank, self.world_size = seed, eot, rank, world_size
         self.samples = 0
         self.counts = np.zeros(len(self.names), dtype=np.int64)
+        self.stage_samples, self.stage_counts = 0, np.zeros(len(self.names), dtype=np.int64)
         self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     def _window_index(self, s: int, count: int) -> int:
@@ -441,7 +454,8 @@ class MixtureLoader:
         """The next n (source, window) pairs of the global sequence, advancing the state."""
         out = []
         for _ in range(n):
-            s = int(np.argmax(self.weights * (self.samples + 1) - self.counts))
+            deficit = self.weights * (self.samples - self.stage_samples + 1) - (self.counts - self.stage_counts)
+            s = int(np.argmax(deficit))
             out.append((s, self._window_index(s, int(self.counts[s]))))
             self.counts[s] += 1
             self.samples += 1
@@ -460,11 +474,27 @@ class MixtureLoader:
         return batches
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "counts": dict(zip(self.names, self.counts.tolist()))}
+        return {"samples": self.samples, "counts": dict(zip(self.names, self.counts.tolist())),
+                "weights": dict(zip(self.names, self.weights.tolist())), "stage_samples": self.stage_samples,
+                "stage_counts": dict(zip(self.names, self.stage_counts.tolist()))}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore the position; returns True when the weights differ from the saved ones, which
+        starts a new mixture stage here (without it, a source whose weight rose would be owed
+        every sample since step 0 and fill the next batches alone)."""
+        def per_source(counts: dict) -> np.ndarray:
+            return np.array([int(counts.get(s, 0)) for s in self.names], dtype=np.int64)
         self.samples = int(state["samples"])
-        self.counts = np.array([int(state["counts"].get(s, 0)) for s in self.names], dtype=np.int64)
+        self.counts = per_source(state["counts"])
+        saved = state.get("weights", dict(zip(self.names, self.weights.tolist())))
+        new_stage = set(saved) != set(self.names) or any(abs(saved[s] - w) > 1e-9 for s, w in
+                                                          zip(self.names, self.weights))
+        if new_stage:
+            self.stage_samples, self.stage_counts = self.samples, self.counts.copy()
+        else:
+            self.stage_samples = int(state.get("stage_samples", 0))
+            self.stage_counts = per_source(state.get("stage_counts", {}))
+        return new_stage
 
 
 def main() -> None:
@@ -476,8 +506,15 @@ def main() -> None:
     p.add_argument("--source", help="name of a new source to make from --files (e.g. 'web')")
     p.add_argument("--files", nargs="*", default=[],
                    help="text files (one document each) or .jsonl files (one document per line, field 'text')")
+    # the split recipe names the shard folder: it must match the training config's data.* values
+    p.add_argument("--seed", type=int, default=DataConfig.seed, help="data.seed of the runs that will read it")
+    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction, help="data.val_fraction")
+    p.add_argument("--max-docs", type=int, default=DataConfig.max_docs, help="data.max_docs (0: all)")
     args = p.parse_args()
-    cfg = DataConfig(dir=args.dir)
+    try:
+        cfg = DataConfig(dir=args.dir, seed=args.seed, val_fraction=args.val_fraction, max_docs=args.max_docs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     enc = prepare_data(cfg, args.vocab_size)
     if args.source:
         if not args.files:
@@ -496,7 +533,12 @@ def main() -> None:
                             raise SystemExit(f"{path}:{n}: expected a JSON object with a 'text' field ({e})")
             else:
                 docs.append(path.read_text(encoding="utf-8"))
-        for split, part in split_documents(docs, cfg.val_fraction, cfg.seed, args.source).items():
+        try:
+            splits = split_documents(limit_documents(docs, cfg, args.source), cfg.val_fraction, cfg.seed,
+                                     args.source)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        for split, part in splits.items():
             write_shards(part, cfg.tokenizer_path(args.vocab_size), cfg.shard_dir(args.vocab_size) / f"{args.source}_{split}")
     for path in sorted(cfg.shard_dir(args.vocab_size).glob("*.bin")):
         print(f"{path}: {len(read_shard(path)):,} tokens")

@@ -61,7 +61,7 @@ class ModelConfig:
     moe_shared_experts: int = 0       # always-active experts of width d_expert (DeepSeek-V3, Kimi K2: 1)
     moe_dense_layers: int = 0         # the first layers keep the dense MLP (DeepSeek-V3: 3)
     moe_score: str = "softmax"        # "softmax" (Mixtral, Qwen3, OLMoE) or "sigmoid" (DeepSeek-V3)
-    moe_renormalize: bool = True      # rescale the k chosen weights to sum to 1 (OLMoE: no)
+    moe_renormalize: bool = True      # rescale the k chosen weights to sum to 1 (OLMoE: no; top-1: never)
     moe_balance_coef: float = 0.01    # alpha in alpha * sum_i f_i * P_i
     moe_balance_stats: str = "global"  # f, P over the global batch (all micro-batches, ranks) or "local"
     moe_router_z_coef: float = 0.0    # router z-loss coefficient (ST-MoE: 1e-3)
@@ -123,8 +123,19 @@ class ModelConfig:
                      "mla_rope_dim", "dca_chunk_size", "dca_local_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 = off/default)")
-        if self.gla_chunk_size < 1:
-            raise ValueError(f"model.gla_chunk_size={self.gla_chunk_size} must be >= 1")
+        if not 1 <= self.gla_chunk_size <= 16:
+            # the chunked form multiplies by exp(+-cumulative log decay) over a chunk; with decays
+            # down to GLA_MIN_LOG_DECAY = -5 per step, 16 steps (e^80) is what float32 holds
+            raise ValueError(f"model.gla_chunk_size={self.gla_chunk_size} must be in [1, 16] (longer chunks "
+                             f"overflow float32 in the chunked form)")
+        if self.dca_local_window and not self.dca_chunk_size:
+            raise ValueError("model.dca_local_window is set but model.dca_chunk_size is 0 (DCA off); set both")
+        if self.yarn_original_seq_len and self.yarn_factor == 1:
+            raise ValueError("model.yarn_original_seq_len is set but model.yarn_factor is 1 (YaRN off); "
+                             "set the factor too, or drop the length")
+        if self.nope_every > self.n_layers:
+            raise ValueError(f"model.nope_every={self.nope_every} is above model.n_layers={self.n_layers}: no "
+                             f"layer would drop RoPE (SmolLM3 uses 4)")
         if self.attn_type not in ("gqa", "mla"):
             raise ValueError(f"model.attn_type={self.attn_type!r} is not one of ('gqa', 'mla')")
         bad = set(self.layer_pattern) - set("GSCL")
@@ -152,12 +163,17 @@ class ModelConfig:
             rope_dim, rank = self.mla_dims
             if rope_dim % 2 or not 2 <= rope_dim <= self.head_dim:
                 raise ValueError(f"model.mla_rope_dim={rope_dim} must be even and within [2, head_dim={self.head_dim}]")
-            if rank > 2 * self.n_heads * self.head_dim:
-                raise ValueError(f"model.kv_lora_rank={rank} is above 2 * n_heads * head_dim = "
-                                 f"{2 * self.n_heads * self.head_dim}: the latent would be larger than MHA's cache")
+            if rank + rope_dim > 2 * self.n_heads * self.head_dim:
+                raise ValueError(f"model.kv_lora_rank + mla_rope_dim = {rank + rope_dim} is above 2 * n_heads * "
+                                 f"head_dim = {2 * self.n_heads * self.head_dim}: MLA's cache would be larger "
+                                 f"than MHA's")
             if self.rope_fraction != 1 or self.qk_norm or self.attn_sinks or self.dca_chunk_size:
                 raise ValueError("model.attn_type='mla' has its own decoupled RoPE key and latent norm; leave "
                                  "rope_fraction at 1 and qk_norm, attn_sinks, dca_chunk_size off")
+            if self.yarn_factor != 1:
+                raise ValueError("model.yarn_factor with model.attn_type='mla' is not supported: YaRN's temperature "
+                                 "rides on the RoPE tables here, which MLA applies to its small RoPE key only "
+                                 "(DeepSeek-V2 scales the whole softmax instead)")
         if self.dca_chunk_size:
             if self.attn_backend != "sdpa":
                 raise ValueError("model.dca_chunk_size needs model.attn_backend='sdpa' (DCA picks one of three "

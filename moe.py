@@ -90,7 +90,9 @@ class Router(nn.Module):
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         experts = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
         weights = scores.gather(-1, experts)
-        if self.renormalize:
+        if self.renormalize and self.top_k > 1:
+            # with one expert the renormalised weight is always 1, which would cut the router off
+            # from the task loss; top-1 keeps the raw probability, as the Switch Transformer does
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, scores, weights, experts
 

@@ -73,6 +73,11 @@ class TrainConfig:
                   "eval_interval", "eval_batches", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("ckpt_interval", "sample_tokens", "threads"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if not self.name.strip():
+            raise ValueError("train.name must not be empty: it names the run folder <out_dir>/<name>")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device={self.device!r} must be auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -147,7 +152,10 @@ def parse_override(arg: str) -> tuple[str, object]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
+        try:
+            value = float(raw)  # numbers TOML does not accept, like .001
+        except ValueError:
+            value = raw
     return key, value
 
 
@@ -165,11 +173,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for section, table in raw.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a table like [model]")
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
+            raise ConfigError(f"{path}: unknown section [{section}]"
+                              + (f"; did you mean [{close[0]}]?" if close else f"; sections are {list(SECTIONS)}"))
         for k, v in table.items():
             flat[f"{section}.{k}"] = v
+    raw_text = {}  # an override's text as typed: a string field takes it as is (--train.name=2024)
     for arg in overrides:
         k, v = parse_override(arg)
         flat[k] = v
+        raw_text[k] = arg.split("=", 1)[1] if "=" in arg else None
     valid = set(_all_keys())
     for key in flat:
         if key not in valid:
@@ -179,8 +193,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     cfg = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
-        kwargs = {k.split(".", 1)[1]: _coerce(k, v, hints[k.split(".", 1)[1]])
-                  for k, v in flat.items() if k.startswith(section + ".")}
+        kwargs = {}
+        for k, v in flat.items():
+            if k.startswith(section + "."):
+                hint = hints[k.split(".", 1)[1]]
+                if hint is str and not isinstance(v, str) and raw_text.get(k) is not None:
+                    v = raw_text[k]
+                kwargs[k.split(".", 1)[1]] = _coerce(k, v, hint)
         try:
             cfg[section] = cls(**kwargs)
         except ValueError as e:
@@ -290,7 +309,8 @@ RESUMABLE_MODEL_CHANGES |= {"yarn_factor", "yarn_original_seq_len", "dca_chunk_s
 def checkpoint_paths(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first: ckpt_<step>.pt files (one process or DDP) and
     ckpt_<step>/ folders (FSDP, one shard per rank, torch.distributed.checkpoint format)."""
-    return sorted((p for p in run_dir.glob("ckpt_*") if p.suffix in (".pt", "")), key=lambda p: p.stem)
+    found = [p for p in run_dir.glob("ckpt_*") if p.suffix in (".pt", "") and p.stem[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem[5:]))
 
 
 def rng_state() -> dict:
@@ -345,18 +365,27 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dic
             torch.save({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
             os.replace(tmp, path)
     if master:
-        for old in checkpoint_paths(run_dir)[:-keep]:
+        stale = checkpoint_paths(run_dir)[:-keep] + list(run_dir.glob("ckpt_*.tmp"))  # .tmp: left by a crash
+        for old in stale:
             old.unlink() if old.is_file() else shutil.rmtree(old)
     return path
 
 
+# The document split: changing it would move validation documents into training.
+FIXED_DATA_KEYS = ("seed", "val_fraction", "max_docs")
+
+
 def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
-    """Stop with one line if the checkpoint's model cannot be the current config's model."""
-    now = config_dict(cfg)["model"]
-    for k, v in saved["model"].items():
-        if k not in RESUMABLE_MODEL_CHANGES and now.get(k) != v:
-            raise ConfigError(f"cannot resume from {path}: model.{k} is {v!r} in the checkpoint but "
-                              f"{now.get(k)!r} now; resume with the checkpoint's value or start a new "
+    """Stop with one line if the checkpoint's model cannot be the current config's model, or its
+    data split is not the current one. (New mixture weights are a new stage: MixtureLoader.)"""
+    now = config_dict(cfg)
+    fixed = [("model", k) for k in saved["model"] if k not in RESUMABLE_MODEL_CHANGES]
+    fixed += [("data", k) for k in FIXED_DATA_KEYS if k in saved.get("data", {})]
+    for section, k in fixed:
+        v = saved[section][k]
+        if now[section].get(k) != v:
+            raise ConfigError(f"cannot resume from {path}: {section}.{k} is {v!r} in the checkpoint but "
+                              f"{now[section].get(k)!r} now; resume with the checkpoint's value or start a new "
                               f"run with another --train.name")
 
 
@@ -404,10 +433,10 @@ def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses, batch count
     for i in range(rank, -(-n_batches // world) * world, world):
         x, y, doc = batches[min(i, n_batches - 1)]
-        with autocast:
-            loss, _ = model(x.to(device), y.to(device), doc.to(device))
+        with autocast:  # the cross-entropy alone: z-loss and MoE balance terms are training aids
+            _, parts = model(x.to(device), y.to(device), doc.to(device))
         if i < n_batches:
-            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
+            total += torch.tensor([parts["ce"].item(), 1.0], dtype=torch.float64, device=device)
     model.train()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -448,6 +477,11 @@ def train(cfg: dict) -> dict:
     if tcfg.resume and not ckpts:
         log(f"train.resume: no checkpoint in {run_dir} yet, starting fresh")
 
+    saved = None
+    if tcfg.resume and ckpts:  # before any data work: a checkpoint that does not fit stops at once
+        saved = load_checkpoint(ckpts[-1])
+        check_resumable(saved["config"], cfg, ckpts[-1])
+
     # Data first (rank 0 builds, others wait), so a missing or broken corpus stops before the model.
     from tokenizer import eot_id
     try:
@@ -470,11 +504,6 @@ def train(cfg: dict) -> dict:
             task_evals = evals.TrainingEvals(tcfg.eval_tasks, dcfg, enc, tcfg.eval_task_items)
     except (ValueError, RuntimeError) as e:  # empty corpus, truncated shard, stale tokenizer...
         raise ConfigError(str(e)) from e
-
-    saved = None
-    if tcfg.resume and ckpts:
-        saved = load_checkpoint(ckpts[-1])
-        check_resumable(saved["config"], cfg, ckpts[-1])
 
     # Same seed on every rank for the weights, then a per-rank seed for everything random after.
     torch.manual_seed(tcfg.seed)
@@ -508,8 +537,16 @@ def train(cfg: dict) -> dict:
     optimizer = build_optimizer(model, ocfg)
     start_step, tokens = 0, 0
     if saved is not None:
+        # the optimizer's state dict carries its hyperparameters too; the config's win (lr is set each step)
+        settings = [{k: g[k] for k in ("betas", "eps", "weight_decay")} for g in optimizer.param_groups]
         restore_weights(ckpts[-1], saved, model, optimizer)
-        loader.load_state_dict(saved["loader"])
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)
+        if loader.load_state_dict(saved["loader"]):
+            log(f"data.weights differ from the checkpoint's: a new mixture stage starts at sample {loader.samples:,}")
+        if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
+            log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
+                f"each source continues at the same position of its new window order")
         start_step, tokens = saved["step"], saved["tokens"]
         if len(saved["rng"]) == world:
             set_rng_state(saved["rng"][rank])
@@ -558,7 +595,7 @@ def train(cfg: dict) -> dict:
         log(f"step {0:>6} | val_loss {val_loss:.4f}")
         run_task_evals(0)
 
-    t_last, tokens_last = time.time(), tokens
+    t_last, tokens_last, paused = time.time(), tokens, 0.0  # paused: eval and checkpoint time, not training
     for step in range(start_step, tcfg.max_steps):
         lr = lr_at(step, ocfg, tcfg.max_steps)
         for group in optimizer.param_groups:
@@ -605,7 +642,7 @@ def train(cfg: dict) -> dict:
             loss_avg = all_reduce_mean(parts_sum["loss"], device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            elapsed = time.time() - t_last
+            elapsed = time.time() - t_last - paused
             tok_per_s = (tokens - tokens_last) / max(elapsed, 1e-9)
             row = {"step": done, "tokens": tokens, "loss": loss_avg, "ce": all_reduce_mean(parts_sum["ce"], device),
                    "z_loss": all_reduce_mean(parts_sum["z_loss"], device), "lr": lr,
@@ -620,8 +657,9 @@ def train(cfg: dict) -> dict:
                         f"balance {moe_row['moe/balance_loss']:.3f}")
             log(f"step {done:>6} | loss {loss_avg:.4f} | lr {lr:.2e} | grad_norm {row['grad_norm']:.3f} | "
                 f"{tok_per_s:,.0f} tok/s{mfu}")
-            t_last, tokens_last = time.time(), tokens
+            t_last, tokens_last, paused = time.time(), tokens, 0.0
 
+        t_pause = time.time()
         if done % tcfg.eval_interval == 0 or done == tcfg.max_steps:
             val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
             record({"step": done, "tokens": tokens, "val_loss": val_loss})
@@ -630,7 +668,7 @@ def train(cfg: dict) -> dict:
         if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == tcfg.max_steps:
             path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded)
             log(f"saved {path}")
-            t_last = time.time()  # checkpoint and eval time is not training throughput
+        paused += time.time() - t_pause
 
     summary = {"run_dir": str(run_dir), "steps": tcfg.max_steps, "tokens": tokens, "val_loss": val_loss}
     sample_model = model
@@ -659,10 +697,20 @@ def train(cfg: dict) -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint's step: they will be logged again."""
+    """On resume, drop rows logged after the checkpoint's step: they will be logged again. A run
+    that starts at step 0 (nothing was saved before a crash) starts a fresh file."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if step == 0:
+        path.unlink()
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line torn by a crash mid-write
     path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -671,10 +719,11 @@ def main(argv: list[str] | None = None) -> None:
     config_path, overrides = None, []
     it = iter(argv)
     for arg in it:
-        if arg == "--config":
-            config_path = next(it, None)
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
+        if arg == "--config" or arg.startswith("--config="):
+            config_path = next(it, None) if arg == "--config" else arg.split("=", 1)[1]
+            if not config_path or config_path.startswith("--"):
+                print("error: --config needs a file, e.g. --config configs/tiny.toml", file=sys.stderr)
+                sys.exit(2)
         elif arg in ("-h", "--help"):
             print(__doc__ + "\nConfig keys:\n  " + "\n  ".join(_all_keys()))
             return

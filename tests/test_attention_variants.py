@@ -109,7 +109,7 @@ def test_yarn_factor_one_is_plain_rope_and_factor_two_interpolates_only_slow_pai
     torch.testing.assert_close(c1, c2, atol=0, rtol=1e-6)
     torch.testing.assert_close(s1, s2, atol=0, rtol=1e-6)
     inv_freq = 1.0 / (10_000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
-    new, mscale = yarn_frequencies(inv_freq, 2.0, original_len=4096)
+    new, mscale = yarn_frequencies(inv_freq, 2.0, original_len=4096, base=10_000.0)
     assert mscale == pytest.approx(0.1 * math.log(2) + 1)
     turns = 4096 * inv_freq / (2 * math.pi)
     fast, slow = turns > 32, turns < 1  # many turns within the trained context: keep; under one: stretch
@@ -127,6 +127,27 @@ def test_yarn_factor_one_is_plain_rope_and_factor_two_interpolates_only_slow_pai
                 * apply_rope(k.view(1, 1, 1, 64), c[n:n + 1], s[n:n + 1])).sum().item()
     assert score(200, 150, cos, sin) == pytest.approx(score(60, 10, cos, sin), abs=1e-3)
     assert score(0, 0, cos, sin) == pytest.approx(mscale ** 2 * (q @ k).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("head_dim,base,original,factor", [(128, 5e6, 65536, 2.0), (64, 10_000.0, 4096, 4.0),
+                                                           (64, 50_000.0, 4096, 2.0)])
+def test_yarn_matches_hugging_faces_reference(head_dim, base, original, factor):
+    """SmolLM3's setting first (d_h 128, base 5M, 64k trained, x2): a checkpoint extended with YaRN
+    must get the frequencies and scale that Hugging Face (and the YaRN authors' code) give it."""
+    hf = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+    cfg = hf.LlamaConfig(head_dim=head_dim, hidden_size=head_dim * 4, num_attention_heads=4,
+                         max_position_embeddings=int(original * factor),
+                         rope_scaling={"rope_type": "yarn", "factor": factor,
+                                       "original_max_position_embeddings": original, "rope_theta": base})
+    cfg.rope_theta = base
+    if isinstance(getattr(cfg, "rope_parameters", None), dict):
+        cfg.rope_parameters["rope_theta"] = base
+    hf_inv_freq, hf_scale = _compute_yarn_parameters(cfg, "cpu")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ours, mscale = yarn_frequencies(inv_freq, factor, original, base)
+    torch.testing.assert_close(ours.float(), hf_inv_freq.float(), rtol=1e-5, atol=0)
+    assert mscale == pytest.approx(hf_scale, rel=1e-6)
 
 
 def test_rnope_pattern_is_smollm3s_and_nope_layers_use_no_rotation():
@@ -514,6 +535,19 @@ def test_gla_recurrent_equals_chunked(T, chunk, with_docs, with_state):
             torch.testing.assert_close(o_rec[0, 0, t], q[0, 0, t] @ S, atol=1e-5, rtol=1e-5)
 
 
+def test_gla_chunked_stays_finite_at_the_strongest_decay_and_longest_chunk():
+    """The layer clamps log-decays at GLA_MIN_LOG_DECAY; the config allows chunks up to 16: at
+    both limits the chunked form must still equal the recurrence (exp(+-80) fits float32)."""
+    from attention import GLA_MIN_LOG_DECAY
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 48, 4, generator=g) for _ in range(3))
+    log_decay = torch.full((1, 2, 48, 4), GLA_MIN_LOG_DECAY)
+    o_rec, _ = gla_recurrent(q, k, v, log_decay)
+    o_chk, _ = gla_chunked(q, k, v, log_decay, 16)
+    assert torch.isfinite(o_chk).all()
+    torch.testing.assert_close(o_chk, o_rec, atol=1e-4, rtol=1e-4)
+
+
 def test_gla_layer_trains_and_generates_in_constant_memory():
     torch.manual_seed(0)
     layer = GatedLinearAttention(32, 4, chunk_size=4)
@@ -564,6 +598,11 @@ def test_hybrid_model_loss_falls():
     (dict(dca_chunk_size=60, dca_local_window=10), "max_seq_len"),
     (dict(attn_type="gqa2"), "attn_type"),
     (dict(dca_chunk_size=8, yarn_factor=2.0), "two ways to extend"),
+    (dict(gla_chunk_size=17), "gla_chunk_size=17 must be in [1, 16]"),
+    (dict(dca_local_window=4), "dca_chunk_size is 0"),
+    (dict(yarn_original_seq_len=32), "yarn_factor is 1"),
+    (dict(nope_every=3), "nope_every=3 is above model.n_layers=2"),
+    (dict(attn_type="mla", yarn_factor=2.0), "attn_type='mla' is not supported"),
 ])
 def test_invalid_combinations_stop_with_one_line(kw, words):
     with pytest.raises(ValueError) as e:

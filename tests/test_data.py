@@ -162,6 +162,34 @@ def test_loader_state_resumes_exactly(small_data):
         assert all(np.array_equal(g, w) for g, w in zip(got[0], want[0]))
 
 
+def test_new_weights_on_resume_start_a_new_mixture_stage(small_data):
+    """Resuming with other weights: the deficit rule counts from the resume point (the new mix
+    holds from the first step) and each source continues its own window order."""
+    cfg, enc = small_data
+    first = loader(cfg, enc, weights={"prose": 1.0, "code": 0.0, "math": 1e-9})
+    for _ in range(25):
+        first.next_step(4, 1)  # 100 samples, all prose but for one math sample
+    state = first.state_dict()
+    second = loader(cfg, enc, weights={"prose": 0.5, "code": 0.0, "math": 0.5})
+    assert second.load_state_dict(state) is True
+    draws = second._draw(20)
+    assert sum(s == second.names.index("math") for s, _ in draws) == 10  # half, not all twenty
+    math_before = state["counts"]["math"]
+    same = loader(cfg, enc, weights={"prose": 0.5, "code": 0.0, "math": 0.5})
+    same.load_state_dict(state)
+    want = [same._window_index(same.names.index("math"), math_before + i) for i in range(10)]
+    assert [i for s, i in draws if s == second.names.index("math")] == want  # math continues where it was
+    again = loader(cfg, enc, weights={"prose": 0.5, "code": 0.0, "math": 0.5})
+    assert again.load_state_dict(second.state_dict()) is False  # same weights: the same stage goes on
+    assert again._draw(20) == second._draw(20)
+
+
+def test_a_source_needs_two_documents():
+    with pytest.raises(ValueError, match="data source 'web' has 1 document"):
+        split_documents(["only one"], 0.05, 0, "web")
+    assert split_documents(["a", "b"], 0.9, 0, "web")["train"]  # validation never takes every document
+
+
 def test_targets_are_inputs_shifted_and_doc_ids_match_eos(small_data):
     cfg, enc = small_data
     x, y, doc = loader(cfg, enc, seq_len=512, weights={"math": 1.0}).next_step(8, 1)[0]

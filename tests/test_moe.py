@@ -278,6 +278,18 @@ def test_playbook_shapes_give_the_published_counts():
 # configuration and training
 
 
+def test_top1_router_learns_from_the_task_loss_even_with_renormalisation():
+    """Renormalising one chosen weight makes it 1 and would cut the router off from the loss
+    (only the aux loss would train it); top-1 keeps the raw probability, as in Switch."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
+                      moe=True, moe_experts=4, moe_top_k=1, moe_d_expert=16, moe_renormalize=True)
+    layer = MoE(cfg)
+    x = torch.randn(40, 32)
+    layer(x).pow(2).sum().backward()  # a task loss only: no balance term
+    assert layer.router.gate.weight.grad.norm() > 1e-4
+
+
 @pytest.mark.parametrize("override, message", [
     ("--model.moe_top_k=9", "model.moe_top_k=9 must be between 1 and model.moe_experts=8"),
     ("--model.moe_experts=0", "model.moe_experts=0: a MoE layer needs at least 1 expert"),

@@ -64,11 +64,31 @@ def test_bad_values_stop_before_any_work(tmp_path):
         load_config(bad)
 
 
+def test_overrides_keep_string_text_and_bad_values_are_refused(tmp_path):
+    # a string field takes the text as typed, even when it reads as a TOML number or date
+    assert load_config(None, ["--train.name=2024-01-01"])["train"].name == "2024-01-01"
+    assert load_config(None, ["--train.name=123"])["train"].name == "123"
+    assert load_config(None, ["--optim.lr=.001"])["optim"].lr == 0.001
+    for arg, words in (("--train.threads=-1", "train.threads must be >= 0"),
+                       ("--train.ckpt_interval=-5", "train.ckpt_interval must be >= 0"),
+                       ("--train.name=", "train.name must not be empty")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, [arg])
+    extra = tmp_path / "extra.toml"
+    extra.write_text((ROOT / "configs" / "tiny.toml").read_text() + "\n[trian]\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\]; did you mean \[train\]\?"):
+        load_config(extra)
+
+
 def test_cli_prints_one_clear_line(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model.n_kv_head=2"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: unknown config key 'model.n_kv_head'; did you mean model.n_kv_heads?"]
+    for args in (["--config"], ["--config="], ["--config", "--train.max_steps=2"]):
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.strip() == "error: --config needs a file, e.g. --config configs/tiny.toml"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +117,48 @@ def test_existing_run_is_never_overwritten(small_data, tmp_path):
     assert digest(tmp_path / "keep") == before
 
 
+def test_resume_keeps_the_split_but_takes_new_optimizer_settings_and_mixture_stages(small_data, tmp_path):
+    """A resumed run refuses another document split (validation documents would leak into
+    training), applies the config's betas / eps / weight decay rather than the checkpoint's, and
+    treats new mixture weights as a new stage instead of repaying the new source's 'deficit'."""
+    import train as train_module
+    run(small_data, tmp_path, "stage", **{"train.max_steps": 3})
+    before = digest(tmp_path / "stage")
+    with pytest.raises(ConfigError, match="data.seed is 1337 in the checkpoint but 7 now"):
+        run(small_data, tmp_path, "stage", **{"train.resume": True, "data.seed": 7})
+    assert digest(tmp_path / "stage") == before
+
+    seen = {}
+    real_restore = train_module.restore_weights
+
+    def spy(path, saved, model, optimizer):
+        real_restore(path, saved, model, optimizer)
+        seen["optimizer"] = optimizer
+    train_module.restore_weights = spy
+    try:
+        run(small_data, tmp_path, "stage", **{"train.resume": True, "train.max_steps": 5, "optim.betas": [0.8, 0.9],
+                                             "optim.weight_decay": 0.0, "data.weights": {"prose": 0.2, "code": 0.8}})
+    finally:
+        train_module.restore_weights = real_restore
+    assert [g["betas"] for g in seen["optimizer"].param_groups] == [(0.8, 0.9), (0.8, 0.9)]
+    assert [g["weight_decay"] for g in seen["optimizer"].param_groups] == [0.0, 0.0]
+    last = torch.load(checkpoint_paths(tmp_path / "stage")[-1], weights_only=False)["loader"]
+    stage_mix = {s: last["counts"][s] - last["stage_counts"][s] for s in last["counts"]}
+    assert last["stage_samples"] > 0 and sum(stage_mix.values()) == last["samples"] - last["stage_samples"]
+    assert abs(stage_mix["code"] - 0.8 * sum(stage_mix.values())) <= 1  # the new weights, from the stage start
+
+
+def test_a_fresh_start_starts_a_fresh_metrics_file(small_data, tmp_path):
+    """A run that crashed before its first checkpoint and is started again (e.g. a requeued Slurm
+    job with --train.resume) must not keep the first attempt's rows."""
+    run_dir = tmp_path / "again"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "tokens": 0, "val_loss": 9.0}\n{"step": 1, "lo')
+    run(small_data, tmp_path, "again", **{"train.resume": True, "train.max_steps": 2})
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2] and rows[0]["val_loss"] != 9.0
+
+
 def test_keeps_only_the_newest_checkpoints(small_data, tmp_path):
     run(small_data, tmp_path, "rot", **{"train.ckpt_interval": 1, "train.keep_checkpoints": 2})
     assert [p.name for p in checkpoint_paths(tmp_path / "rot")] == ["ckpt_0000005.pt", "ckpt_0000006.pt"]
@@ -112,7 +174,7 @@ def test_truncated_shard_stops_the_run_with_one_line(small_data, tmp_path):
     cfg = small_data[0]
     data_copy = tmp_path / "data"
     shutil.copytree(cfg.dir, data_copy)
-    shard = next((data_copy / "vocab512").rglob("code_train_000.bin"))
+    shard = data_copy / cfg.shard_dir(512).relative_to(cfg.dir) / "code_train_000.bin"
     shard.write_bytes(shard.read_bytes()[:-100])
     args = tiny_overrides(cfg, tmp_path, "trunc", **{"data.dir": str(data_copy)})
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=tmp_path)
@@ -242,3 +304,29 @@ def _is_rank(pid: int, rank: int, agent_pid: int) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return ppid == agent_pid and f"RANK={rank}".encode() in environ
+
+
+def test_validation_loss_is_the_cross_entropy_alone(small_data):
+    """z-loss (and MoE's balance loss) help training; validation reports the plain cross-entropy,
+    so runs with and without them compare on the same scale."""
+    import contextlib
+    import torch.nn.functional as F
+    from conftest import TEST_VOCAB
+    from data import MixtureLoader
+    from model import ModelConfig, Transformer
+    from tokenizer import eot_id
+    from train import evaluate
+    cfg, enc = small_data
+    val = MixtureLoader(cfg.shard_dir(TEST_VOCAB), cfg.weights, "val", 32, cfg.seed, eot_id(enc))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=TEST_VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                                    max_seq_len=32, z_loss_coef=1.0))
+    got = evaluate(model, val, 2, 4, torch.device("cpu"), contextlib.nullcontext())
+    val.load_state_dict({"samples": 0, "counts": {}})
+    with torch.no_grad():
+        batches = [val.next_step(4, 1)[0] for _ in range(2)]
+        want = sum(F.cross_entropy(model(x, doc_ids=doc).flatten(0, 1), y.flatten()).item()
+                   for x, y, doc in batches) / 2
+        with_z = sum(model(x, y, doc)[0].item() for x, y, doc in batches) / 2
+    assert got == pytest.approx(want, rel=1e-5)
+    assert with_z > want + 1  # the training loss does carry the z-loss here
