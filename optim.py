@@ -49,6 +49,11 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps, grad_clip and weight_decay must be >= 0")
         if len(self.betas) != 2 or len(self.multistep_milestones) != len(self.multistep_factors):
             raise ValueError("optim.betas needs 2 values; multistep_milestones and multistep_factors the same count")
+        if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
+            raise ValueError(f"optim.betas must be in [0, 1) and optim.eps > 0, got betas={self.betas}, eps={self.eps}")
+        m = self.multistep_milestones
+        if not all(0 < x < 1 for x in m) or list(m) != sorted(m):
+            raise ValueError(f"optim.multistep_milestones are fractions of training in (0, 1), ascending; got {m}")
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -64,3 +64,9 @@ def test_bad_schedule_is_refused():
         OptimConfig(schedule="linear")
     with pytest.raises(ValueError, match="min_lr"):
         OptimConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match=r"optim.betas must be in \[0, 1\)"):
+        OptimConfig(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="multistep_milestones are fractions"):
+        OptimConfig(schedule="multistep", multistep_milestones=(0.9, 0.8))
+    with pytest.raises(ValueError, match="multistep_milestones are fractions"):
+        OptimConfig(schedule="multistep", multistep_milestones=(80, 90))
