@@ -183,3 +183,19 @@ def test_chunked_linear_cross_entropy_equals_full_logits(monkeypatch, z_loss_coe
     torch.testing.assert_close(w.grad, 2 * ref_gw)
     with torch.no_grad():  # the evaluation path
         torch.testing.assert_close(model_module.linear_cross_entropy(h, w, targets, z_loss_coef)[0], ref_loss)
+
+
+def test_swiglu_one_matmul_equals_the_textbook_gated_mlp():
+    """down(silu(x Wg^T) * x Wu^T), values and gradients, whatever the fused layout of gate and up."""
+    from model import SwiGLU
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 24)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    got = mlp(x)
+    want = mlp.down_proj(torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T))
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, mlp.gate_proj.weight, mlp.up_proj.weight], g)
+    grads_want = torch.autograd.grad(want, [x, mlp.gate_proj.weight, mlp.up_proj.weight], g)
+    for a, b in zip(grads, grads_want):
+        torch.testing.assert_close(a, b)
