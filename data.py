@@ -185,6 +185,15 @@ class DataConfig:
         recipe = f"seed{self.seed}-val{self.val_fraction:g}" + (f"-max{self.max_docs}" if self.max_docs else "")
         return Path(self.dir) / f"vocab{vocab_size}" / recipe
 
+    @classmethod
+    def from_shard_dir(cls, path: str | os.PathLike) -> "DataConfig":
+        """The split recipe a shard folder was made with (the inverse of shard_dir)."""
+        path = Path(path)
+        m = re.fullmatch(r"seed(\d+)-val([0-9.e-]+)(?:-max(\d+))?", path.name)
+        if not m:
+            raise ValueError(f"{path} is not a shard folder named like seed1337-val0.05 (data.py makes them)")
+        return cls(dir=str(path.parent.parent), seed=int(m[1]), val_fraction=float(m[2]), max_docs=int(m[3] or 0))
+
 
 # --------------------------------------------------------------------------------------------
 # 2. Token shards

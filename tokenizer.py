@@ -125,7 +125,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, name: str = "nanoplaybook",
             bar.close()
             raise ValueError(f"training text too small for vocab_size={vocab_size}: only "
                              f"{len(vocab) - 256} merges possible, {n_merges} needed; train on more "
-                             f"text (tokenizer_training_text(max_bytes=...), CLI --max-bytes)")
+                             f"text (tokenizer_training_text(max_bytes=...); tokenizer.py --max-bytes, "
+                             f"tokenizer_eval.py --train-bytes)")
         a, b = best
         merged = vocab[a] + vocab[b]
         new = ids_of.get(merged)
@@ -354,11 +355,42 @@ def gguf_chat_template(path) -> str:
     return template
 
 
-def render_chat_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def gguf_special_tokens(path) -> dict[str, str]:
+    """{"bos_token": ..., "eos_token": ...}: the texts of a GGUF file's BOS and EOS tokens, which
+    chat templates may print and generation stops at ("" where the file names none)."""
+    import weights
+
+    reader = weights.open_gguf(path)
+    tokens = weights.gguf_field(reader, "tokenizer.ggml.tokens")
+    found = {}
+    for name in ("bos", "eos"):
+        i = weights.gguf_field(reader, f"tokenizer.ggml.{name}_token_id")
+        found[f"{name}_token"] = tokens[i] if i is not None and 0 <= i < len(tokens) else ""
+    return found
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                         bos_token: str = "", eos_token: str = "") -> str:
     """Render a Hugging Face style Jinja chat template, as transformers' apply_chat_template does.
 
-    jinja2 comes with torch. The sandbox is the one transformers uses: templates are data."""
+    jinja2 comes with torch. The environment is the one transformers builds: a sandbox (templates
+    are data), loop controls, a tojson that keeps non-ASCII text, raise_exception and strftime_now."""
+    import datetime
+    import json
+
+    import jinja2.ext
+    from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=bos_token, eos_token=eos_token)

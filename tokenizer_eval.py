@@ -227,7 +227,8 @@ def comparison_tables(stats: dict[tuple[str, str], TextStats], tokenizers: list[
         return f"**{title}**\n\n" + markdown_table(["text"] + tokenizers, body)
 
     parts = [
-        table("Fertility (tokens per word; lower is better)", "{:.2f}".format, lambda s, t: s.fertility, texts),
+        table("Fertility (tokens per word, counting the tokens that touch a word; lower is better)", "{:.2f}".format,
+              lambda s, t: s.fertility, texts),
         table("Continued words (share split into 2+ tokens)", "{:.0%}".format, lambda s, t: s.continued_share, texts),
         table("Bytes per token (higher is better)", "{:.2f}".format, lambda s, t: s.bytes_per_token, texts),
     ]
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="which of the trained sizes appear in the comparison tables")
     parser.add_argument("--train-bytes", type=int, default=12_000_000,
                         help="BPE training budget, shared prose/code/math 0.7/0.2/0.1 (a source smaller "
-                             "than its share is taken whole: all held-in prose is 0.37 MB)")
+                             "than its share is taken whole: all held-in prose is 0.4 MB)")
     parser.add_argument("--eval-bytes", type=int, default=200_000, help="held-out bytes per domain")
     parser.add_argument("--files", nargs="*", default=[], help="more texts to evaluate, one row each")
     parser.add_argument("--seed", type=int, default=0)

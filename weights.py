@@ -244,9 +244,12 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], path) ->
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")  # the same tensor as embed_tokens.weight
         state.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
+    missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
         raise ValueError(f"{path}: no weights for {len(missing)} parameters, e.g. {missing[0]}")
+    if unused:
+        raise ValueError(f"{path}: {len(unused)} tensors have no place in this config, e.g. {unused[0]} "
+                         f"(fewer layers or a different shape than the file's?)")
     for name, w in state.items():
         if tuple(w.shape) != tuple(expected[name].shape):
             raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, the config implies "
@@ -371,13 +374,16 @@ def main() -> None:
         path = Path(args.gguf) if args.gguf else smollm2_gguf_path()
         model = Transformer.from_gguf(path).eval()
         enc = tokenizer.from_gguf(path)
+        special = tokenizer.gguf_special_tokens(path)
         prompt = tokenizer.render_chat_template(tokenizer.gguf_chat_template(path),
-                                                [{"role": "user", "content": args.question}])
-    except (ImportError, OSError, ValueError) as e:
+                                                [{"role": "user", "content": args.question}], **special)
+        eos = special["eos_token"]
+        eos_id = enc.encode_single_token(eos) if eos else None
+    except (ImportError, OSError, ValueError, KeyError) as e:
         parser.exit(1, f"error: {e}\n")
     ids = torch.tensor([enc.encode(prompt, allowed_special="all")])
-    out = model.generate(ids, args.max_new_tokens, temperature=0, eos_id=enc.encode_single_token("<|im_end|>"))
-    print(enc.decode(out[0, ids.shape[1]:].tolist()).removesuffix("<|im_end|>").strip())
+    out = model.generate(ids, args.max_new_tokens, temperature=0, eos_id=eos_id)
+    print(enc.decode(out[0, ids.shape[1]:].tolist()).removesuffix(eos).strip())
     if args.save_hf:
         print(f"saved to {model.save_hf(args.save_hf)}")
 

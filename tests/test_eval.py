@@ -1,5 +1,6 @@
 """eval.py, eval_tasks.py and humaneval.py: every score equals a hand computation, and bad input fails in one line."""
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -152,6 +153,14 @@ def test_encode_pair_moves_the_trailing_space_and_cuts_the_whole_encoding(small_
     ctx, cont = ev.encode_pair(enc, "The value of x is ", "returned")
     assert enc.decode(ctx) == "The value of x is" and enc.decode(cont) == " returned"
     assert ctx + cont == enc.encode_ordinary("The value of x is returned")
+    # a token that spans the boundary (here a word cut in two, or a newline run): the cut moves back
+    # to that token, and the scored tokens are still exactly the whole string's
+    crossing = [(c, x) for c, x in (("The valu", "e of x"), ("def retur", "n x"), ("x = 1\n", "\n\ny = 2"))
+                if enc.encode_ordinary(c) != enc.encode_ordinary(c + x)[:len(enc.encode_ordinary(c))]]
+    assert crossing  # the case at hand exists with this tokenizer
+    for context, choice in crossing:
+        ctx, cont = ev.encode_pair(enc, context, choice)
+        assert ctx + cont == enc.encode_ordinary(context + choice) and cont and context.startswith(enc.decode(ctx))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +259,9 @@ def test_sandbox_stops_loops_and_harms_nothing(tmp_path):
         "dir_fd": f"import os; fd = os.open({v!r}, os.O_RDONLY); os.unlink('keep.txt', dir_fd=fd)",
         "fork": "import os\nwhile True: os.fork()",
         "early_exit": "import os; os._exit(0)",
+        "chdir": f"import os; os.chdir({v!r}); os.remove('keep.txt')",
+        "chdir_write": f"import os; os.chdir({v!r}); open('new.txt', 'w').write('x')",
+        "udp": "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))",
     }
     results = run_programs(list(attacks.values()), timeout=5, workers=2)
     for name, r in zip(attacks, results):
@@ -338,6 +350,24 @@ def test_planted_contaminated_item_is_found_and_dropped(small_data, tmp_path):
     strict = ev.decontaminate(task, enc, shards, n=8, threshold=0.8)
     assert 7 in strict["contaminated"] and all(report["overlap"][i] > 0.8 for i in strict["contaminated"])
     assert set(strict["contaminated"]) <= set(report["contaminated"])
+    # an item that repeats its text is as contaminated as the text: overlap counts distinct n-grams
+    twice = ev.ChoiceItem(train_doc[200:500] + " " + train_doc[200:500], [" yes", " no"], 0)
+    assert ev.decontaminate(dataclasses.replace(task, items=[planted, twice]), enc, shards, n=8)["overlap"][1] \
+        == pytest.approx(report["overlap"][7], abs=0.05)
+
+
+def test_decontaminate_cli_builds_builtin_tasks_from_the_shards_split(small_data, tmp_path, capsys):
+    """The held-out items of a built-in task depend on the split: the CLI reads it from the shard
+    folder's name (seed, val_fraction, max_docs), not from the defaults."""
+    from data import DataConfig
+    cfg, _ = small_data
+    folder = cfg.shard_dir(512)
+    assert DataConfig.from_shard_dir(folder).shard_dir(512) == folder
+    ev.main(["decontaminate", "--task", "arithmetic", "--shards", str(folder)])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["items"] == len(ev.load_task("arithmetic", cfg).items)
+    with pytest.raises(ValueError, match="is not a shard folder named like seed1337-val0.05"):
+        DataConfig.from_shard_dir(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +493,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, small_data):
                                                                          "--task", "prose_cloze"])
     assert "malformed.jsonl:3" in _error_line(capsys, ["--model", "x", "--task", str(tmp_path / "malformed.jsonl")])
     assert "GGUF file" in _error_line(capsys, ["--model", "gguf:/nonexistent.gguf", "--task", "prose_cloze"])
+    (tmp_path / "fake.gguf").write_text("not gguf")  # unreadable files end in one line, not a traceback
+    _error_line(capsys, ["--model", f"gguf:{tmp_path / 'fake.gguf'}", "--task", "prose_cloze"])
+    assert "--max-new-tokens" in _error_line(capsys, ["--model", "x", "--task", "arithmetic", "--max-new-tokens", "0"])
 
 
 def test_sharded_checkpoint_loads_like_a_single_file_one(small_data, tmp_path):

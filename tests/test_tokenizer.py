@@ -212,3 +212,22 @@ def test_training_text_is_seeded_and_weighted(sample):
     # prose (464 kB) is smaller than its share of 2 MB: all of it is taken, and nothing else
     only_prose = T.tokenizer_training_text(2_000_000, weights={"prose": 0.7, "math": 0.0})
     assert sorted(only_prose) == sorted(data.corpus_documents("prose"))
+
+
+def test_chat_templates_render_as_transformers_renders_them():
+    """BOS/EOS, loop controls, tojson of non-ASCII text, raise_exception: the features real chat
+    templates use, rendered exactly as transformers' apply_chat_template machinery does."""
+    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    from tokenizer import render_chat_template
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+                "<{{ m['role'] }}>{{ m['content'] | tojson }}{% if loop.index > 2 %}{% break %}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}{{ eos_token }}")
+    messages = [{"role": "system", "content": "Héllo <b>"}, {"role": "skip", "content": "x"},
+                {"role": "user", "content": "ça va ?"}, {"role": "user", "content": "never shown"}]
+    ours = render_chat_template(template, messages, True, bos_token="<s>", eos_token="</s>")
+    theirs = chat_utils.render_jinja_template([messages], chat_template=template, add_generation_prompt=True,
+                                              bos_token="<s>", eos_token="</s>")
+    theirs = theirs[0][0] if isinstance(theirs, tuple) else theirs
+    assert ours == theirs and ours.startswith("<s>") and "Héllo <b>" in ours and "never shown" not in ours
+    with pytest.raises(Exception, match="no system prompt allowed"):
+        render_chat_template("{{ raise_exception('no system prompt allowed') }}", messages)

@@ -246,6 +246,9 @@ def test_untied_round_trip_exact(tmp_path):
     assert again.cfg == cfg and again.lm_head.weight is not again.embed_tokens.weight
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+    with pytest.raises(ValueError) as e:  # the file holds a layer the requested config has no place for
+        Transformer.from_hf(tmp_path, n_layers=1)
+    assert "have no place in this config, e.g. blocks.1." in one_line(e)
 
 
 # --------------------------------------------------------------------------------------------
