@@ -49,6 +49,7 @@ class TrainConfig:
     max_steps: int = 500
     micro_batch_size: int = 16       # sequences per forward pass on one rank
     grad_accum_steps: int = 1        # global batch = micro_batch_size * grad_accum_steps * world_size
+    global_batch_size: int = 0       # sequences per step; when set, grad_accum_steps follows from the world size
     seq_len: int = 256
     log_interval: int = 10
     eval_interval: int = 100         # validation loss every N steps (and at step 0 and the end)
@@ -73,7 +74,7 @@ class TrainConfig:
                   "eval_interval", "eval_batches", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("ckpt_interval", "sample_tokens", "threads"):
+        for k in ("ckpt_interval", "sample_tokens", "threads", "global_batch_size"):
             if getattr(self, k) < 0:
                 raise ValueError(f"train.{k} must be >= 0, got {getattr(self, k)}")
         if not self.name.strip():
@@ -86,6 +87,9 @@ class TrainConfig:
             raise ValueError(f"train.compile={self.compile!r} must be auto, true or false")
         if self.parallelism not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallelism={self.parallelism!r} must be ddp or fsdp")
+        if self.global_batch_size and self.grad_accum_steps != 1:
+            raise ValueError("set train.global_batch_size or train.grad_accum_steps, not both: with a global "
+                             "batch size the accumulation follows from the number of processes")
         if self.eval_tasks and self.parallelism == "fsdp":
             raise ValueError("train.eval_tasks scores on rank 0 alone, which FSDP's sharded weights do not allow; "
                              "score the checkpoints with eval.py instead")
@@ -476,6 +480,13 @@ def train(cfg: dict) -> dict:
                           f"or pick a new --train.name (nothing there was touched)")
     if tcfg.resume and not ckpts:
         log(f"train.resume: no checkpoint in {run_dir} yet, starting fresh")
+    accum = tcfg.grad_accum_steps
+    if tcfg.global_batch_size:  # the same global batch on any number of GPUs
+        accum, rest = divmod(tcfg.global_batch_size, tcfg.micro_batch_size * world)
+        if rest or accum < 1:
+            raise ConfigError(f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size x processes = {tcfg.micro_batch_size} x {world}; "
+                              f"change one of them")
 
     saved = None
     if tcfg.resume and ckpts:  # before any data work: a checkpoint that does not fit stops at once
@@ -564,7 +575,7 @@ def train(cfg: dict) -> dict:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    global_batch = tcfg.micro_batch_size * tcfg.grad_accum_steps * world
+    global_batch = tcfg.micro_batch_size * accum * world
     tokens_per_step = global_batch * tcfg.seq_len
     fpt = flops_per_token(mcfg, tcfg.seq_len)
     peak = peak_flops_per_device(device, tcfg.peak_flops)
@@ -578,7 +589,8 @@ def train(cfg: dict) -> dict:
     log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
-    log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {global_batch} x {tcfg.seq_len} = "
+    log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
+        f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
 
     def run_task_evals(step: int):
@@ -601,7 +613,7 @@ def train(cfg: dict) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
-        micro_batches = loader.next_step(tcfg.micro_batch_size, tcfg.grad_accum_steps)
+        micro_batches = loader.next_step(tcfg.micro_batch_size, accum)
         if mcfg.moe:  # balance statistics cover every micro-batch of the step (moe.py)
             begin_moe_step(model, len(micro_batches))
         try:

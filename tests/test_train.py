@@ -107,6 +107,20 @@ def test_resumed_run_reproduces_the_uninterrupted_run_exactly(small_data, tmp_pa
     assert not list((tmp_path / "split").glob("*.tmp"))
 
 
+def test_global_batch_size_sets_the_accumulation_from_the_world_size(small_data, tmp_path):
+    """train.global_batch_size = 8 with micro-batches of 4 on one process is 2 accumulation steps:
+    the same run, loss for loss, as grad_accum_steps = 2 (on 2 processes it would be 1)."""
+    a = losses(Path(run(small_data, tmp_path, "accum", **{"train.grad_accum_steps": 2, "train.max_steps": 3})["run_dir"]))
+    b = losses(Path(run(small_data, tmp_path, "global", **{"train.global_batch_size": 8, "train.max_steps": 3})["run_dir"]))
+    assert a == b
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 is not a multiple of train.micro_batch_size x "
+                                          r"processes = 4 x 1"):
+        run(small_data, tmp_path, "odd", **{"train.global_batch_size": 10})
+    assert not (tmp_path / "odd").exists()  # refused before any work
+    with pytest.raises(ConfigError, match="not both"):
+        run(small_data, tmp_path, "both", **{"train.global_batch_size": 8, "train.grad_accum_steps": 2})
+
+
 def test_existing_run_is_never_overwritten(small_data, tmp_path):
     run(small_data, tmp_path, "keep", **{"train.max_steps": 3})
     before = digest(tmp_path / "keep")
