@@ -22,6 +22,7 @@ The story this file tells, in the playbook's order:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -226,6 +227,25 @@ def split_documents(docs: list[str], val_fraction: float, seed: int, source: str
     val = set(order[:n_val].tolist())
     return {"train": [d for i, d in enumerate(docs) if i not in val],
             "val": [d for i, d in enumerate(docs) if i in val]}
+
+
+def read_documents(files: list[str | os.PathLike]) -> list[str]:
+    """Your own documents: a text file is one document, a .jsonl file one per line (field 'text')."""
+    docs = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"file not found: {path}")
+        if path.suffix != ".jsonl":
+            docs.append(path.read_text(encoding="utf-8"))
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+    return docs
 
 
 def limit_documents(docs: list[str], cfg: DataConfig, source: str) -> list[str]:
@@ -508,7 +528,6 @@ class MixtureLoader:
 
 def main() -> None:
     import argparse
-    import json
     p = argparse.ArgumentParser(description="Prepare the default corpus, or tokenize your own files into a source.")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--dir", default=DataConfig.dir)
@@ -528,24 +547,11 @@ def main() -> None:
     if args.source:
         if not args.files:
             raise SystemExit("--source needs --files: the text or .jsonl files to tokenize")
-        docs = []
-        for f in args.files:
-            path = Path(f)
-            if not path.exists():
-                raise SystemExit(f"file not found: {path}")
-            if path.suffix == ".jsonl":
-                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                    if line.strip():
-                        try:
-                            docs.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError) as e:
-                            raise SystemExit(f"{path}:{n}: expected a JSON object with a 'text' field ({e})")
-            else:
-                docs.append(path.read_text(encoding="utf-8"))
         try:
+            docs = read_documents(args.files)
             splits = split_documents(limit_documents(docs, cfg, args.source), cfg.val_fraction, cfg.seed,
                                      args.source)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
         for split, part in splits.items():
             write_shards(part, cfg.tokenizer_path(args.vocab_size), cfg.shard_dir(args.vocab_size) / f"{args.source}_{split}")

@@ -252,20 +252,39 @@ def bytes_per_token(enc: tiktoken.Encoding, texts: list[str]) -> float:
 def main() -> None:
     import data
 
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on the default corpus.")
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on the default corpus "
+                                                 "or on your own files.")
     parser.add_argument("--vocab-size", type=int, required=True, help="total ids, incl. 256 bytes and specials")
-    parser.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    parser.add_argument("--out", required=True, help="where to write the tokenizer JSON (train.py reads "
+                                                     "data_cache/vocab<V>/tokenizer.json)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="training sample size")
+    parser.add_argument("--files", nargs="*", default=[],
+                        help="train on these instead: text files (one document each) or .jsonl (field 'text'); "
+                             "the first --max-bytes of them, in a seeded random order of documents")
     args = parser.parse_args()
 
     start = time.perf_counter()
     try:
-        enc = train_bpe(tokenizer_training_text(args.max_bytes), args.vocab_size)
-    except ValueError as e:  # bad size or too little text: one line, not a traceback
+        if args.files:
+            docs = data.read_documents(args.files)
+            random.Random(0).shuffle(docs)
+            texts, budget = [], args.max_bytes
+            for doc in docs:
+                if budget <= 0:
+                    break
+                texts.append(doc[:budget])  # characters, so about max_bytes
+                budget -= len(texts[-1].encode("utf-8"))
+        else:
+            texts = tokenizer_training_text(args.max_bytes)
+        enc = train_bpe(texts, args.vocab_size)
+    except (ValueError, FileNotFoundError) as e:  # bad size, too little text, a bad file: one line
         parser.error(str(e))
     seconds = time.perf_counter() - start
     save_tokenizer(enc, args.out)
     print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s, saved to {args.out}")
+    if args.files:
+        print(f"compression over your files: {bytes_per_token(enc, docs):.2f} bytes/token")
+        return
     print("compression over each whole source:")
     for source in data.SOURCES:
         print(f"  {source:>6}: {bytes_per_token(enc, data.corpus_documents(source)):.2f} bytes/token")

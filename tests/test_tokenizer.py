@@ -231,3 +231,27 @@ def test_chat_templates_render_as_transformers_renders_them():
     assert ours == theirs and ours.startswith("<s>") and "Héllo <b>" in ours and "never shown" not in ours
     with pytest.raises(Exception, match="no system prompt allowed"):
         render_chat_template("{{ raise_exception('no system prompt allowed') }}", messages)
+
+
+def test_cli_trains_on_your_own_files(tmp_path):
+    """The 1B ablation needs a large-vocabulary tokenizer of your own data: tokenizer.py --files
+    reads text files (one document) and .jsonl files (one per line), and a bad line is one error."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from data import read_documents
+    from tokenizer import load_tokenizer
+    (tmp_path / "a.txt").write_text((ROOT / "README.md").read_text() + "the cat sat on the mat. " * 50)
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i}: the cat sat"}) + "\n" for i in range(30)))
+    assert len(read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"])) == 31
+    out = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "--vocab-size", "300", "--out",
+                          str(tmp_path / "tok.json"), "--files", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    enc = load_tokenizer(tmp_path / "tok.json")
+    assert enc.n_vocab == 300 and len(enc.encode_ordinary("the cat sat on the mat.")) <= 23 // 2  # merges from the files
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    out = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "--vocab-size", "300", "--out",
+                          str(tmp_path / "x.json"), "--files", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
+    assert out.returncode == 2 and "bad.jsonl:1: expected a JSON object with a 'text' field" in out.stderr
