@@ -61,6 +61,15 @@ def test_gqa_with_one_group_per_head_is_mha():
         mha.k_proj.weight.copy_(mqa.k_proj.weight.repeat(4, 1))
         mha.v_proj.weight.copy_(mqa.v_proj.weight.repeat(4, 1))
     torch.testing.assert_close(mqa(x, cos, sin), mha(x, cos, sin), atol=1e-6, rtol=1e-5)
+    # GQA with 2 KV heads: query heads 0-1 read KV head 0, heads 2-3 read KV head 1 (in that order)
+    gqa = CausalSelfAttention(32, 4, 2)
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            heads = getattr(gqa, name).weight.view(2, 8, 32)
+            getattr(mha, name).weight.copy_(heads.repeat_interleave(2, dim=0).reshape(32, 32))
+    torch.testing.assert_close(gqa(x, cos, sin), mha(x, cos, sin), atol=1e-6, rtol=1e-5)
 
 
 def test_rope_scores_depend_only_on_offset():
@@ -80,6 +89,14 @@ def test_rope_scores_depend_only_on_offset():
     torch.testing.assert_close(apply_rope(q.view(1, 1, 1, D), cos[:1], sin[:1]), q.view(1, 1, 1, D))
     cos2, _ = rope_frequencies(D, 64, 500_000.0)
     assert not torch.allclose(cos[:, -1], cos2[:, -1])
+    # the rotation itself: pair j of position m (dims j and j + D/2, the Llama layout) is the
+    # complex number x_j + i x_{j+D/2} times e^{i m base^(-2j/D)}
+    x = torch.randn(1, 1, 64, D)
+    got = apply_rope(x, cos, sin)
+    theta = base ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+    z = torch.complex(x[..., :D // 2].double(), x[..., D // 2:].double())
+    want = z * torch.polar(torch.ones(64, D // 2, dtype=torch.float64), torch.arange(64)[:, None] * theta)
+    torch.testing.assert_close(got, torch.cat([want.real, want.imag], -1).float(), atol=1e-5, rtol=1e-5)
 
 
 def test_document_mask_is_brute_force_reference():

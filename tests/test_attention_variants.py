@@ -185,15 +185,24 @@ def test_abf_changing_rope_base_between_stages_keeps_the_weights_and_only_moves_
     assert (stage2.rope_cos[1:, -1] > stage1.rope_cos[1:, -1]).all()
 
 
-def test_abf_stage_resumes_in_train_with_a_new_rope_base(small_data, tmp_path):
+def test_abf_stage_resumes_in_train_with_a_new_rope_base(small_data, tmp_path, monkeypatch):
     from conftest import tiny_overrides
     from train import load_config, train
     data_cfg, _ = small_data
     train(load_config(None, tiny_overrides(data_cfg, tmp_path, "abf", **{"train.max_steps": 3})))
     stage2 = tiny_overrides(data_cfg, tmp_path, "abf", **{"train.max_steps": 5, "model.rope_base": 500_000.0,
                                                           "train.resume": True})
+    tables = []
+    real_forward = Transformer.forward
+
+    def spy(self, *args, **kwargs):
+        tables.append(self.rope_cos)
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(Transformer, "forward", spy)
     summary = train(load_config(None, stage2))
     assert summary["steps"] == 5 and math.isfinite(summary["val_loss"])
+    cos_500k, _ = rope_frequencies(16, 64, 500_000.0)  # the tiny model: head_dim 16, max_seq_len 64
+    assert tables and all(torch.equal(t, cos_500k) for t in tables)  # the trained weights meet the new base
     saved = torch.load(sorted((tmp_path / "abf").glob("ckpt_*.pt"))[-1], weights_only=False)
     assert saved["config"]["model"]["rope_base"] == 500_000.0
 

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +30,18 @@ def test_math_documents_are_seeded_and_correct():
 def test_embedded_sources_are_real_text():
     prose, code = data.corpus_documents("prose"), data.corpus_documents("code")
     assert len(prose) > 100 and sum(map(len, prose)) > 300_000
-    assert len(code) > 300 and all("/test" not in d[:0] for d in code)
-    assert any("def " in d for d in code)
+    assert len(code) > 300 and any("def " in d for d in code)
+    # the standard library's tests (and installed packages) stay out of the code source
+    for rel, excluded in (("test/test_json.py", True), ("idlelib/idle_test/x.py", True), ("unittest/test/a.py", True),
+                          ("lib2to3/tests/t.py", True), ("site-packages/numpy/x.py", True), ("test_grammar.py", True),
+                          ("json/decoder.py", False), ("unittest/case.py", False), ("contest.py", False)):
+        assert data._is_test_path(rel) is excluded, rel
+    import sysconfig
+    import unittest.case
+    texts = set(code)
+    assert Path(unittest.case.__file__).read_text(encoding="utf-8") in texts
+    stdlib_tests = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))[:20]
+    assert not any(p.read_text(encoding="utf-8", errors="replace") in texts for p in stdlib_tests)
     with pytest.raises(ValueError, match="unknown corpus source 'web'"):
         data.corpus_documents("web")
 

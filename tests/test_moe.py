@@ -98,21 +98,29 @@ def test_reference_and_grouped_paths_agree_in_values_and_gradients(score, renorm
 
 
 def test_aux_loss_and_router_z_loss_equal_their_formulas():
-    cfg = moe_cfg(n_layers=1, moe_balance_coef=0.05, moe_router_z_coef=0.001, moe_score="sigmoid")
+    """Per layer: alpha * sum_i f_i P_i and the router z-loss; the model reports their mean over
+    its MoE layers (two here, so a sum would show)."""
+    cfg = moe_cfg(n_layers=2, moe_balance_coef=0.05, moe_router_z_coef=0.001, moe_score="sigmoid")
     torch.manual_seed(1)
     model = Transformer(cfg)
-    layer = model.blocks[0].mlp
+    layers = [block.mlp for block in model.blocks]
+    assert all(isinstance(layer, MoE) for layer in layers)
     seen = {}
-    layer.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0].reshape(-1, cfg.d_model)))
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda mod, inp, out, i=i: seen.update({i: inp[0].reshape(-1, cfg.d_model)}))
     idx = torch.randint(0, 97, (2, 24))
     loss, parts = model(idx, idx)
-    logits = seen["x"] @ layer.router.gate.weight.t()
-    scores = logits.sigmoid()
-    chosen = scores.topk(2, dim=-1).indices
-    f = torch.bincount(chosen.flatten(), minlength=8).float() * 8 / (2 * 48)
-    P = (scores / scores.sum(-1, keepdim=True)).mean(0)
-    balance = (f * P).sum()
-    router_z = torch.logsumexp(logits, -1).pow(2).mean()
+    balances, router_zs = [], []
+    for i, layer in enumerate(layers):
+        logits = seen[i] @ layer.router.gate.weight.t()
+        scores = logits.sigmoid()
+        chosen = scores.topk(2, dim=-1).indices
+        f = torch.bincount(chosen.flatten(), minlength=8).float() * 8 / (2 * 48)
+        P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        balances.append((f * P).sum())
+        router_zs.append(torch.logsumexp(logits, -1).pow(2).mean())
+    balance, router_z = torch.stack(balances).mean(), torch.stack(router_zs).mean()
+    assert not torch.allclose(balances[0], balances[1])  # two different layers, so the mean is a real test
     torch.testing.assert_close(parts["balance_loss"], balance.detach())
     torch.testing.assert_close(parts["router_z_loss"], router_z.detach())
     torch.testing.assert_close(loss, parts["ce"] + 0.05 * balance + 0.001 * router_z)
@@ -430,3 +438,18 @@ def test_moe_output_keeps_the_residual_dtype_and_refuses_activation_checkpointin
         assert layer(x).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="activation_checkpointing cannot be combined with model.moe"):
         load_config(None, ["--model.moe=true", "--train.activation_checkpointing=true"])
+
+
+def test_global_f_sums_to_the_expert_count_in_every_micro_batch_with_top2():
+    """f_i = E * (share of the step's k * tokens assignments going to expert i), so sum_i f_i = E
+    exactly, also mid-step when unseen micro-batches are predicted (with k = 2 every token makes
+    two assignments: a prediction that forgot k would not sum to E)."""
+    torch.manual_seed(0)
+    layer = MoE(ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, d_ff=16, moe=True, moe_experts=4, moe_top_k=2,
+                            moe_balance_stats="global"))
+    for _ in range(2):  # the first step predicts from itself, the second from the first
+        begin_moe_step(layer, 3)
+        for _ in range(3):
+            layer(torch.randn(20, 8))
+            assert layer.balance_f.sum().item() == pytest.approx(4.0, rel=1e-5)
+        end_moe_step(layer)

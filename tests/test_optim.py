@@ -54,9 +54,20 @@ def test_optimizer_uses_playbook_defaults():
     m = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64))
     opt = build_optimizer(m, OptimConfig())
     assert isinstance(opt, torch.optim.AdamW)
-    g = opt.param_groups[0]
-    assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 and g["weight_decay"] == 0.1
+    assert [(g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups] == [((0.9, 0.95), 1e-8, 0.1),
+                                                                                     ((0.9, 0.95), 1e-8, 0.0)]
     assert OptimConfig().grad_clip == 1.0
+    # what the groups do: with zero gradients, one step shrinks the block matrices by (1 - lr * wd)
+    # and leaves the embedding and the norms untouched
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    for g in opt.param_groups:
+        g["lr"] = 0.5
+    opt.step()
+    for n, p in m.named_parameters():
+        decayed = "embed" not in n and p.ndim == 2
+        torch.testing.assert_close(p.detach(), before[n] * (1 - 0.5 * 0.1 if decayed else 1.0), msg=n)
 
 
 def test_bad_schedule_is_refused():

@@ -105,6 +105,16 @@ def test_resumed_run_reproduces_the_uninterrupted_run_exactly(small_data, tmp_pa
     assert losses(Path(full["run_dir"]), "val_loss") == losses(tmp_path / "split", "val_loss")
     assert a[6] < a[1]
     assert not list((tmp_path / "split").glob("*.tmp"))
+    # every logged figure but the timings: lr (the schedule), tokens, grad norm, validation
+    def rows(run_dir):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "mfu")}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows(Path(full["run_dir"])) == rows(tmp_path / "split")
+    from optim import lr_at
+    cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "full"))
+    logged = [r for r in rows(tmp_path / "split") if "lr" in r]
+    assert [r["lr"] for r in logged] == [lr_at(r["step"] - 1, cfg["optim"], 6) for r in logged]
+    assert [r["tokens"] for r in logged] == [r["step"] * 4 * 64 for r in logged]
 
 
 def test_global_batch_size_sets_the_accumulation_from_the_world_size(small_data, tmp_path):
@@ -179,7 +189,10 @@ def test_keeps_only_the_newest_checkpoints(small_data, tmp_path):
     saved = torch.load(tmp_path / "rot" / "ckpt_0000006.pt", weights_only=False)
     assert saved["step"] == 6 and saved["config"]["model"]["d_model"] == 64
     assert {"model", "optimizer", "loader", "rng", "tokens"} <= set(saved)
-    assert (tmp_path / "rot" / "config.toml").read_text() == (tmp_path / "rot" / "config.toml").read_text()
+    from train import config_to_toml
+    cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "rot", **{"train.ckpt_interval": 1,
+                                                                             "train.keep_checkpoints": 2}))
+    assert (tmp_path / "rot" / "config.toml").read_text() == config_to_toml(cfg)  # the resolved config
     assert load_config(tmp_path / "rot" / "config.toml")["model"].d_model == 64  # resolved config reloads
 
 
@@ -344,3 +357,29 @@ def test_validation_loss_is_the_cross_entropy_alone(small_data):
         with_z = sum(model(x, y, doc)[0].item() for x, y, doc in batches) / 2
     assert got == pytest.approx(want, rel=1e-5)
     assert with_z > want + 1  # the training loss does carry the z-loss here
+
+
+def test_training_passes_each_batch_its_document_ids(small_data, tmp_path, monkeypatch):
+    """Document masking in the loop: every training forward gets the doc_ids of its own windows
+    (a new document after each end-of-text token), not None."""
+    import numpy as np
+    from data import window_doc_ids
+    from model import Transformer
+    from tokenizer import eot_id
+    seen = []
+    real_forward = Transformer.forward
+
+    def spy(self, idx, targets=None, doc_ids=None, kv_cache=None):
+        if targets is not None and self.training:
+            seen.append((idx.clone(), targets.clone(), None if doc_ids is None else doc_ids.clone()))
+        return real_forward(self, idx, targets, doc_ids, kv_cache)
+    monkeypatch.setattr(Transformer, "forward", spy)
+    run(small_data, tmp_path, "docs", **{"train.max_steps": 2, "data.weights": {"math": 1.0}})  # short documents
+    eot = eot_id(small_data[1])
+    assert len(seen) == 2
+    for x, y, doc in seen:
+        assert doc is not None
+        for b in range(x.shape[0]):
+            window = np.append(x[b].numpy(), y[b, -1].item())
+            assert np.array_equal(doc[b].numpy(), window_doc_ids(window, eot))
+    assert any(int(doc.max()) > 0 for _, _, doc in seen)  # the windows really hold several documents
