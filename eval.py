@@ -257,6 +257,10 @@ def evaluate_task(model, enc, task: Task, formulation: str | None = None, batch_
             model.train()
 
 
+NO_CODE_TASKS_IN_TRAINING = ("train.eval_tasks cannot run humaneval (it executes code); evaluate checkpoints "
+                             "with eval.py instead")
+
+
 class TrainingEvals:
     """The tasks train.py scores every eval_interval steps, built once (a sample of each)."""
 
@@ -265,8 +269,7 @@ class TrainingEvals:
         self.tasks = [load_task(s, cfg, limit=items) for s in specs]
         for t in self.tasks:
             if t.kind == "code":
-                raise EvalError("train.eval_tasks cannot run humaneval (it executes code); evaluate checkpoints "
-                                "with eval.py instead")
+                raise EvalError(NO_CODE_TASKS_IN_TRAINING)
 
     def run(self, model) -> dict[str, float]:
         row = {}

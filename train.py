@@ -97,6 +97,8 @@ class TrainConfig:
             import eval as evals  # here, so that configs without eval tasks never import it
             for task in self.eval_tasks:
                 evals.check_task_name(task)
+                if task == "humaneval":  # known before any data work; task files are checked when loaded
+                    raise ValueError(evals.NO_CODE_TASKS_IN_TRAINING)
             if self.eval_task_items < 1:
                 raise ValueError(f"train.eval_task_items must be >= 1, got {self.eval_task_items}")
 
@@ -587,6 +589,12 @@ def train(cfg: dict) -> dict:
         log(f"moe: {mcfg.moe_experts} experts, top-{mcfg.moe_top_k}, {mcfg.moe_shared_experts} shared, in layers "
             f"{mcfg.moe_dense_layers}..{mcfg.n_layers - 1}; {active_params(mcfg):,} parameters active per token")
     log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
+    if ocfg.warmup_steps > tcfg.max_steps:  # allowed (a smoke test), but rarely meant
+        log(f"note: optim.warmup_steps={ocfg.warmup_steps} is above train.max_steps={tcfg.max_steps}: the learning "
+            f"rate never reaches optim.lr={ocfg.lr:g}")
+    elif ocfg.schedule == "wsd" and ocfg.warmup_steps > tcfg.max_steps - round(ocfg.decay_fraction * tcfg.max_steps):
+        log(f"note: the WSD decay starts at step {tcfg.max_steps - round(ocfg.decay_fraction * tcfg.max_steps)}, "
+            f"before warmup ends at {ocfg.warmup_steps}: the learning rate jumps when warmup hands over")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "

@@ -559,6 +559,8 @@ def test_training_logs_task_scores_and_eval_reads_the_run(small_data, tmp_path, 
 
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         load_config(None, over + ['--train.eval_tasks=["nope"]'])
+    with pytest.raises(ConfigError, match="train.eval_tasks cannot run humaneval"):  # at load, before any work
+        load_config(None, over + ['--train.eval_tasks=["humaneval"]'])
 
 
 def test_acc_norm_divides_by_characters_not_tokens(small_data):

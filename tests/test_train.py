@@ -383,3 +383,13 @@ def test_training_passes_each_batch_its_document_ids(small_data, tmp_path, monke
             window = np.append(x[b].numpy(), y[b, -1].item())
             assert np.array_equal(doc[b].numpy(), window_doc_ids(window, eot))
     assert any(int(doc.max()) > 0 for _, _, doc in seen)  # the windows really hold several documents
+
+
+def test_a_warmup_longer_than_the_run_is_pointed_out(small_data, tmp_path, capsys):
+    run(small_data, tmp_path, "short", **{"train.max_steps": 2, "optim.warmup_steps": 5})
+    assert "note: optim.warmup_steps=5 is above train.max_steps=2: the learning rate never reaches" in capsys.readouterr().out
+    run(small_data, tmp_path, "wsd", **{"train.max_steps": 4, "optim.warmup_steps": 4, "optim.schedule": "wsd",
+                                        "optim.decay_fraction": 0.5})
+    assert "note: the WSD decay starts at step 2, before warmup ends at 4" in capsys.readouterr().out
+    run(small_data, tmp_path, "fine", **{"train.max_steps": 4, "optim.warmup_steps": 2})
+    assert "note:" not in capsys.readouterr().out
