@@ -64,10 +64,6 @@ def d_expert_of(cfg: ModelConfig) -> int:
     return cfg.moe_d_expert or cfg.d_ff
 
 
-def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    return cfg.moe and layer >= cfg.moe_dense_layers
-
-
 # --------------------------------------------------------------------------------------------
 # Router
 # --------------------------------------------------------------------------------------------

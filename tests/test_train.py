@@ -393,3 +393,48 @@ def test_a_warmup_longer_than_the_run_is_pointed_out(small_data, tmp_path, capsy
     assert "note: the WSD decay starts at step 2, before warmup ends at 4" in capsys.readouterr().out
     run(small_data, tmp_path, "fine", **{"train.max_steps": 4, "optim.warmup_steps": 2})
     assert "note:" not in capsys.readouterr().out
+
+
+def test_accumulation_equals_one_big_micro_batch_and_clipping_holds(small_data, tmp_path, monkeypatch):
+    """2 micro-batches of 4 == 1 micro-batch of 8 (same samples, loss and gradient averaged over
+    the step, not summed); and the optimizer only ever sees gradients clipped to optim.grad_clip."""
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    run(small_data, tmp_path, "big", **{"train.micro_batch_size": 8, "train.max_steps": 3})
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        norms.append(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for g in self.param_groups for p in g["params"]])).item())
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    run(small_data, tmp_path, "accum", **{"train.grad_accum_steps": 2, "train.max_steps": 3, "optim.grad_clip": 0.5})
+    monkeypatch.undo()
+    run(small_data, tmp_path, "accum_noclip", **{"train.grad_accum_steps": 2, "train.max_steps": 1,
+                                                 "optim.grad_clip": 0.0})
+    big, accum, noclip = rows("big"), rows("accum"), rows("accum_noclip")
+    first = lambda r: next(x for x in r if x.get("step") == 1 and "loss" in x)  # noqa: E731
+    assert first(accum)["loss"] == pytest.approx(first(big)["loss"], rel=1e-5)
+    assert first(noclip)["grad_norm"] == pytest.approx(first(big)["grad_norm"], rel=1e-4)
+    assert first(accum)["grad_norm"] > 0.5  # so clipping had work to do
+    assert len(norms) == 3 and max(norms) <= 0.5 * (1 + 1e-4)
+
+
+def test_out_of_memory_names_the_knobs(small_data, tmp_path, monkeypatch):
+    from model import Transformer
+
+    real_forward = Transformer.forward
+
+    def oom(self, *args, **kwargs):  # the first training forward runs out (validation at step 0 fits)
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(Transformer, "forward", oom)
+    with pytest.raises(ConfigError) as e:
+        run(small_data, tmp_path, "oom", **{"train.max_steps": 1})
+    message = str(e.value)
+    assert message.startswith("out of GPU memory at step 1") and "\n" not in message
+    for knob in ("train.micro_batch_size", "train.grad_accum_steps", "train.activation_checkpointing",
+                 "train.parallelism=fsdp", "train.seq_len"):
+        assert knob in message
