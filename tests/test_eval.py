@@ -600,3 +600,12 @@ def test_acc_norm_divides_by_characters_not_tokens(small_data):
         assert res["pred_norm"] == by_chars
         differs += by_chars != by_tokens
     assert differs > 0 and bytes_differ > 0  # the planted items tell characters from tokens and from bytes
+
+
+def test_mcf_prompt_is_the_lettered_layout():
+    """The MCF prompt a model sees: the query, one 'X. choice' line per choice, then 'Answer:'
+    (the bigram hand computation cannot see the layout, so it is pinned here)."""
+    item = ev.ChoiceItem("Which is a fruit? ", [" apple", " chair ", "stone"], 0)
+    assert ev.mcf_prompt(item) == "Which is a fruit?\nA. apple\nB. chair\nC. stone\nAnswer:"
+    with pytest.raises(ev.EvalError, match="at most 26 choices"):
+        ev.mcf_prompt(ev.ChoiceItem("q", [str(i) for i in range(27)], 0))
