@@ -421,6 +421,24 @@ def test_mla_absorbed_path_equals_naive_path():
         naive = layer(x, cos, sin, mask, absorbed=False)
         absorbed = layer(x, cos, sin, mask, absorbed=True)
         torch.testing.assert_close(naive, absorbed, atol=1e-5, rtol=1e-4)
+    # and both equal MLA written out head by head from its definition (causal, no documents):
+    # key_h = [W_uk_h c, RoPE(W_kr x)], value_h = W_uv_h c, scores / sqrt(d_h + d_rope)
+    with torch.no_grad():
+        H, dn, dr, r, T = 4, 8, 4, 12, 15
+        c_and_kr = layer.kv_down(x)
+        c = layer.kv_norm(c_and_kr[..., :r])
+        k_rope = apply_rope(c_and_kr[..., r:][:, None], cos, sin)[:, 0]
+        q = layer.q_proj(x).view(2, T, H, dn + dr)
+        heads = []
+        for h in range(H):
+            q_h = torch.cat([q[:, :, h, :dn], apply_rope(q[:, None, :, h, dn:], cos, sin)[:, 0]], -1)
+            k_h = torch.cat([c @ layer.k_up.weight[h * dn:(h + 1) * dn].T, k_rope], -1)
+            v_h = c @ layer.v_up.weight[h * dn:(h + 1) * dn].T
+            scores = q_h @ k_h.transpose(1, 2) / math.sqrt(dn + dr)
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            heads.append(scores.softmax(-1) @ v_h)
+        want = layer.o_proj(torch.cat(heads, -1))
+        torch.testing.assert_close(layer(x, cos, sin, None, absorbed=False), want, atol=1e-5, rtol=1e-4)
 
 
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
@@ -568,6 +586,23 @@ def test_gla_layer_trains_and_generates_in_constant_memory():
         steps = [layer(x[:, :5], kv_cache=cache)] + [layer(x[:, t:t + 1], kv_cache=cache) for t in range(5, 11)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.nbytes() == 4 * 8 * 8 * 4 + 0  # the state, whatever the length
+
+
+def test_gla_layer_clamps_its_decay_so_any_gate_stays_finite():
+    """A gate driven far negative (log-decay -100/16 per step, below GLA_MIN_LOG_DECAY) over a
+    16-token chunk would overflow the chunked form; the layer's clamp keeps it finite and equal to
+    stepping the recurrence one token at a time."""
+    torch.manual_seed(0)
+    layer = GatedLinearAttention(32, 4, chunk_size=16)
+    x = torch.randn(1, 32, 32).abs() + 0.5
+    with torch.no_grad():
+        layer.gate_proj.weight.fill_(-10.0)  # every gate pre-activation about -200
+        full = layer(x)
+        cache = KVCache(0, 1, 1, 1, 1, torch.float32, "cpu", layers=[])
+        cache.states[0] = torch.zeros(1, 4, 8, 8)
+        steps = torch.cat([layer(x[:, t:t + 1], kv_cache=cache) for t in range(32)], 1)
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(full, steps, atol=1e-4, rtol=1e-4)
 
 
 def test_hybrid_model_loss_falls():

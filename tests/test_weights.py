@@ -3,6 +3,7 @@
 The real model is loaded once per module (about 10 s, plus about 25 s for transformers' own GGUF
 loader). Tests needing an optional package skip with the pip command when it is absent."""
 
+import dataclasses
 import importlib.util
 import sys
 
@@ -308,9 +309,15 @@ def one_line(excinfo) -> str:
     return message
 
 
-def test_tiny_gguf_loads_exactly(tiny, tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_gguf_loads_exactly(tiny, tmp_path, tied):
+    """Tied (no output.weight in the file) and untied (its own output head) both come back exactly."""
+    if not tied:
+        torch.manual_seed(1)
+        tiny = Transformer(dataclasses.replace(tiny.cfg, tie_embeddings=False)).eval()
     loaded = Transformer.from_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", tiny))
     assert loaded.cfg == tiny.cfg
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
     for (name, a), (_, b) in zip(tiny.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
