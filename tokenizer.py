@@ -230,17 +230,24 @@ def tokenizer_training_text(max_bytes: int = DEFAULT_MAX_BYTES, weights: dict[st
     total = sum(weights.values())
     sample = []
     for source, weight in sorted(weights.items()):
-        budget = int(max_bytes * weight / total)
-        docs = data.corpus_documents(source)
-        random.Random(f"{seed}:{source}").shuffle(docs)  # str seeds are stable across runs
-        for doc in docs:
-            if budget <= 0:
-                break
-            raw = doc.encode("utf-8")
-            if len(raw) > budget:
-                doc = raw[:budget].decode("utf-8", errors="ignore")
-            sample.append(doc)
-            budget -= len(raw)
+        sample += sample_documents(data.corpus_documents(source), int(max_bytes * weight / total), f"{seed}:{source}")
+    return sample
+
+
+def sample_documents(docs: list[str], max_bytes: int, seed: str | int) -> list[str]:
+    """About max_bytes of UTF-8 from docs, taken in a seeded random order, the last one cut to fit
+    (str seeds are stable across runs)."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    sample, budget = [], max_bytes
+    for doc in docs:
+        if budget <= 0:
+            break
+        raw = doc.encode("utf-8")
+        if len(raw) > budget:
+            doc = raw[:budget].decode("utf-8", errors="ignore")
+        sample.append(doc)
+        budget -= len(raw)
     return sample
 
 
@@ -267,13 +274,7 @@ def main() -> None:
     try:
         if args.files:
             docs = data.read_documents(args.files)
-            random.Random(0).shuffle(docs)
-            texts, budget = [], args.max_bytes
-            for doc in docs:
-                if budget <= 0:
-                    break
-                texts.append(doc[:budget])  # characters, so about max_bytes
-                budget -= len(texts[-1].encode("utf-8"))
+            texts = sample_documents(docs, args.max_bytes, "files")
         else:
             texts = tokenizer_training_text(args.max_bytes)
         enc = train_bpe(texts, args.vocab_size)
