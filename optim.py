@@ -56,6 +56,11 @@ class OptimConfig:
             raise ValueError(f"optim.multistep_milestones are fractions of training in (0, 1), ascending; got {m}")
 
 
+def wsd_decay_start(cfg: OptimConfig, max_steps: int) -> int:
+    """The step where WSD's decay begins: the last decay_fraction of the run (at least one step)."""
+    return max_steps - max(1, round(cfg.decay_fraction * max_steps))
+
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Learning rate at a 0-based optimizer step of a run of max_steps steps."""
     if step < cfg.warmup_steps:
@@ -67,8 +72,8 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
-        decay_start = max_steps - decay_steps
+        decay_start = wsd_decay_start(cfg, max_steps)
+        decay_steps = max_steps - decay_start
         if step < decay_start:
             return cfg.lr
         progress = min(1.0, (step - decay_start + 1) / decay_steps)

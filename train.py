@@ -39,7 +39,7 @@ import torch.distributed as dist
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
 from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
 from moe import active_params, begin_moe_step, end_moe_step
-from optim import OptimConfig, build_optimizer, describe_groups, lr_at
+from optim import OptimConfig, build_optimizer, describe_groups, lr_at, wsd_decay_start
 
 
 @dataclass
@@ -592,8 +592,8 @@ def train(cfg: dict) -> dict:
     if ocfg.warmup_steps > tcfg.max_steps:  # allowed (a smoke test), but rarely meant
         log(f"note: optim.warmup_steps={ocfg.warmup_steps} is above train.max_steps={tcfg.max_steps}: the learning "
             f"rate never reaches optim.lr={ocfg.lr:g}")
-    elif ocfg.schedule == "wsd" and ocfg.warmup_steps > tcfg.max_steps - round(ocfg.decay_fraction * tcfg.max_steps):
-        log(f"note: the WSD decay starts at step {tcfg.max_steps - round(ocfg.decay_fraction * tcfg.max_steps)}, "
+    elif ocfg.schedule == "wsd" and ocfg.warmup_steps > wsd_decay_start(ocfg, tcfg.max_steps):
+        log(f"note: the WSD decay starts at step {wsd_decay_start(ocfg, tcfg.max_steps)}, "
             f"before warmup ends at {ocfg.warmup_steps}: the learning rate jumps when warmup hands over")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
