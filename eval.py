@@ -194,10 +194,11 @@ def sample_completions(model, enc, prompt: str, k: int = 1, temperature: float =
     """k continuations of one prompt (a batch of k copies, so no padding), cut at the stops."""
     ids = enc.encode_ordinary(prompt)
     max_len = _max_len(model)
-    if max_len is not None and max_new_tokens > max_len // 2:
-        warnings.warn(f"generating {max_len // 2} tokens, not {max_new_tokens}: half of the model's "
-                      f"max_seq_len={max_len} is kept for the prompt", stacklevel=2)
-        max_new_tokens = max_len // 2
+    if max_len is not None:
+        if max_new_tokens > max_len // 2:
+            warnings.warn(f"generating {max_len // 2} tokens, not {max_new_tokens}: half of the model's "
+                          f"max_seq_len={max_len} is kept for the prompt", stacklevel=2)
+            max_new_tokens = max_len // 2
         ids = ids[-(max_len - max_new_tokens):]  # a long prompt keeps its end, next to the answer
     device = _device(model)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -609,3 +609,25 @@ def test_mcf_prompt_is_the_lettered_layout():
     assert ev.mcf_prompt(item) == "Which is a fruit?\nA. apple\nB. chair\nC. stone\nAnswer:"
     with pytest.raises(ev.EvalError, match="at most 26 choices"):
         ev.mcf_prompt(ev.ChoiceItem("q", [str(i) for i in range(27)], 0))
+
+
+def test_a_prompt_longer_than_the_model_keeps_its_end():
+    """Generation fits the model's max_seq_len: a long prompt keeps its last tokens, next to the
+    answer, whatever max_new_tokens is (and a request above half the context is cut, with a warning)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                                    max_seq_len=32)).eval()
+    prompt = "x" * 100 + "the end"
+    seen = []
+    real_generate = model.generate
+
+    def spy(idx, max_new_tokens, **kw):
+        seen.append((idx.clone(), max_new_tokens))
+        return real_generate(idx, max_new_tokens, **kw)
+    model.generate = spy
+    ev.sample_completions(model, ByteTokenizer(), prompt, max_new_tokens=4)
+    idx, n = seen[-1]
+    assert n == 4 and idx.shape[1] == 28 and bytes(idx[0, -7:].tolist()) == b"the end"
+    with pytest.warns(UserWarning, match="generating 16 tokens, not 40"):
+        ev.sample_completions(model, ByteTokenizer(), prompt, max_new_tokens=40)
+    assert seen[-1][1] == 16 and seen[-1][0].shape[1] == 16
