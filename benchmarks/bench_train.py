@@ -83,35 +83,36 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     torch.backends.cuda.enable_mem_efficient_sdp(pinned in (None, "efficient"))
     torch.backends.cuda.enable_cudnn_sdp(pinned in (None, "cudnn"))
     if fa3:
-        from torch.nn.attention import activate_flash_attention_impl
+        from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
         activate_flash_attention_impl("FA3")
-    mcfg.attn_backend = "sdpa" if backend.startswith("sdpa") else backend
-    torch.manual_seed(0)
-    model = Transformer(mcfg).cuda()
-    model.activation_checkpointing = activation_checkpointing
-    if compile_blocks:
-        for block in model.blocks:
-            block.compile()
-    opt = build_optimizer(model, OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=0))
-    T = cfg["train"].seq_len
-    x = torch.randint(0, mcfg.vocab_size, (batch, T + 1), device="cuda")
-    doc = doc_ids.cuda() if doc_ids is not None else None
+    try:  # a failing variant must not leave FA3 switched on for the ones after it (HF included)
+        mcfg.attn_backend = "sdpa" if backend.startswith("sdpa") else backend
+        torch.manual_seed(0)
+        model = Transformer(mcfg).cuda()
+        model.activation_checkpointing = activation_checkpointing
+        if compile_blocks:
+            for block in model.blocks:
+                block.compile()
+        opt = build_optimizer(model, OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=0))
+        T = cfg["train"].seq_len
+        x = torch.randint(0, mcfg.vocab_size, (batch, T + 1), device="cuda")
+        doc = doc_ids.cuda() if doc_ids is not None else None
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(x[:, :-1], x[:, 1:], doc)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = model(x[:, :-1], x[:, 1:], doc)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    torch.cuda.reset_peak_memory_stats()
-    times = time_steps(step, steps, warmup)
-    if profile_dir is not None:
-        profile_top_kernels(step, profile_dir / f"profile_{backend}.txt")
-    result = summarize(times, batch * T, flops_per_token(mcfg, T))
-    if fa3:
-        from torch.nn.attention import restore_flash_attention_impl
-        restore_flash_attention_impl()
+        torch.cuda.reset_peak_memory_stats()
+        times = time_steps(step, steps, warmup)
+        if profile_dir is not None:
+            profile_top_kernels(step, profile_dir / f"profile_{backend}.txt")
+        result = summarize(times, batch * T, flops_per_token(mcfg, T))
+    finally:
+        if fa3:
+            restore_flash_attention_impl()
     del model, opt
     return result
 
