@@ -755,6 +755,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if "RANK" in os.environ:
+        # The run is complete and its process group destroyed, but gloo's worker threads outlive
+        # destroy_process_group and may drop the last collective's tensors while Python is already
+        # finalizing; taking the GIL then aborts the process (pytorch/pytorch#179291), and torchrun
+        # reports a finished run as failed. Leave without interpreter teardown instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

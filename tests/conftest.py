@@ -1,6 +1,7 @@
 """Shared fixtures: a small tokenizer and shards built once per test session (about 15 s)."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def tiny_overrides(data_cfg, out_dir, name, **extra):
     }
     args.update(extra)
     return [f"--{k}={_toml(v)}" for k, v in args.items()]
+
+
+def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """train.py under torchrun with n CPU (gloo) processes; fails the test with both output tails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                          str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
+    return out
 
 
 def _toml(v):

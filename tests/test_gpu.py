@@ -2,7 +2,6 @@
 float32 CPU path computes, and trains."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

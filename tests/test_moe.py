@@ -1,13 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides
+from conftest import tiny_overrides, torchrun
 from model import ModelConfig, Transformer, count_params, flops_per_token
 from moe import (MoE, MoEShape, PLAYBOOK_SHAPES, PLAYBOOK_SPARSITY, active_params, begin_moe_step, end_moe_step,
                  granularity, grouped_kernel, moe_layers, sparsity)
@@ -355,11 +352,7 @@ def test_two_gloo_ranks_with_global_statistics_equal_one_process_with_the_whole_
     """Across ranks the global statistics are exact: 2 DDP processes of 4 sequences == 1 process of 8."""
     extra = {"train.grad_accum_steps": 1, "model.moe_bias_rate": 0.0, "model.moe_balance_coef": 0.1}
     train(load_config(None, moe_run_args(small_data, tmp_path, "one", **{"train.micro_batch_size": 8, **extra})))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "train.py"), *moe_run_args(small_data, tmp_path, "two", **extra)],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(2, moe_run_args(small_data, tmp_path, "two", **extra), tmp_path)
     one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
     assert len(one) == len(two)
     train_rows = [(a, b) for a, b in zip(one, two) if "loss" in a]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides, torchrun
 from train import ConfigError, checkpoint_paths, load_config, parse_override, train
 
 
@@ -216,12 +216,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(small_d
     """DDP on 2 CPU processes (micro-batch 4 each) == 1 process with 2 micro-batches of 4."""
     cfg = small_data[0]
     run(small_data, tmp_path, "one", **{"train.grad_accum_steps": 2})
-    args = tiny_overrides(cfg, tmp_path, "two")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(2, tiny_overrides(cfg, tmp_path, "two"), tmp_path)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
@@ -229,14 +224,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(small_d
     va, vb = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
     for step in va:
         assert vb[step] == pytest.approx(va[step], abs=1e-5)
-
-
-def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                          str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 @pytest.mark.slow
