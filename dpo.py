@@ -1,10 +1,14 @@
 """Preference optimisation: an SFT model learns from pairs of its own answers, one better than the other.
 
     python sft.py                                   # runs/tiny -> runs/tiny-sft (the starting point)
-    python dpo.py                                   # runs/tiny-sft -> runs/tiny-dpo: APO-zero, on-policy pairs
+    python dpo.py                                   # runs/tiny-sft -> runs/tiny-dpo: APO-zero, built-in pairs
     python dpo.py --loss dpo --beta 0.1 --name tiny-dpo-sigmoid
     python dpo.py --loss orpo --name tiny-orpo      # no reference model
-    python dpo.py --data off_policy                 # pairs from the built-in answers, no sampling
+    python dpo.py --data on_policy                  # the model's own samples, verified and paired
+
+The default pairs are off-policy (the right answer against a corrupted one) because the tiny CPU
+model rarely answers right, and on-policy pairs need questions where some samples are right and
+some wrong; with a model that sometimes succeeds, on-policy is the playbook's method.
 
 The story, top to bottom (the playbook's preference-optimisation section):
 1. Response log-probabilities: log pi(y | x) summed over the tokens the assistant writes, for the
@@ -297,7 +301,7 @@ class DPOConfig:
     out_dir: str = "runs"
     loss: str = "apo_zero"         # one of LOSSES; SmolLM3 used APO
     beta: float = 0.1              # the playbook: 0.1, scan 0.01-0.5 (ORPO: its lambda)
-    data: str = "on_policy"        # "on_policy" (sample, verify, pair) or "off_policy" (built-in answers)
+    data: str = "off_policy"       # "on_policy" (sample, verify, pair) or "off_policy" (built-in answers)
     prompts: int = 400             # questions to build pairs from, half in each reasoning mode
     samples: int = 4               # on-policy completions per question
     temperature: float = 1.0       # sampling temperature of the candidates

@@ -132,17 +132,17 @@ class Example:
 
 def make_example(task: str, rng: random.Random) -> Example:
     if task == "add":
-        a, b = rng.randint(10, 499), rng.randint(10, 499)
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
         ones = a % 10 + b % 10
         steps = f"ones: {a % 10} + {b % 10} = {ones}. tens and up: {a // 10} + {b // 10} + {ones // 10} = " \
                 f"{a // 10 + b // 10 + ones // 10}."
         return Example(task, f"What is {a} + {b}?", steps, str(a + b))
     if task == "sort":
-        xs = rng.sample(range(1, 100), rng.randint(3, 6))
+        xs = rng.sample(range(1, 100), rng.randint(3, 4))
         steps = " ".join(f"smallest left: {x}." for x in sorted(xs))
         return Example(task, "Sort ascending: " + " ".join(map(str, xs)), steps, " ".join(map(str, sorted(xs))))
     if task == "reverse":
-        ws = rng.sample(WORDS, rng.randint(3, 5))
+        ws = rng.sample(WORDS, rng.randint(3, 4))
         steps = " ".join(f"word {len(ws) - i}: {w}." for i, w in enumerate(reversed(ws)))
         return Example(task, "Reverse the words: " + " ".join(ws), steps, " ".join(reversed(ws)))
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
@@ -153,12 +153,16 @@ TASKS = ("add", "sort", "reverse")
 
 def make_examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS, exclude: set[str] = frozenset()) -> list[Example]:
     """n examples, tasks in turn; questions in exclude (a held-out set) are never produced."""
-    rng, out, seen = random.Random(seed), [], set(exclude)
+    rng, out, seen, misses = random.Random(seed), [], set(exclude), 0
     while len(out) < n:
         ex = make_example(tasks[len(out) % len(tasks)], rng)
         if ex.question not in seen:
             seen.add(ex.question)
             out.append(ex)
+            misses = 0
+        elif (misses := misses + 1) > 10_000:  # the task has run out of new questions
+            raise ValueError(f"task {ex.task!r} has no more distinct questions after {len(out):,} examples; "
+                             f"ask for fewer (--train-examples)")
     return out
 
 
@@ -187,8 +191,7 @@ def hybrid_mix(enc, examples: list[Example], think_token_share: float,
     count = {"think": 0, "no_think": 0}
     for i in order:  # greedy: each example goes to the mode that is furthest below its token target
         total = tokens["think"] + tokens["no_think"]
-        mode = "think" if tokens["think"] <= think_token_share * total and think_token_share > 0 else "no_think"
-        mode = "no_think" if think_token_share == 0 else mode
+        mode = "think" if think_token_share > 0 and tokens["think"] <= think_token_share * total else "no_think"
         encoded[i] = encode_chat(enc, examples[i].messages(), thinking=(mode == "think"))
         tokens[mode] += len(encoded[i][0])
         count[mode] += 1

@@ -111,8 +111,8 @@ def test_bad_loss_kind_and_beta_raise_clear_errors():
 
 
 def test_cli_parses_into_the_config():
-    cfg = sft.parse_args(["--loss", "ipo", "--beta", "0.2", "--data", "off_policy"], dpo.DPOConfig)
-    assert (cfg.loss, cfg.beta, cfg.data, cfg.lr, cfg.epochs) == ("ipo", 0.2, "off_policy", 1e-4, 1.0)
+    cfg = sft.parse_args(["--loss", "ipo", "--beta", "0.2", "--data", "on_policy"], dpo.DPOConfig)
+    assert (cfg.loss, cfg.beta, cfg.data, cfg.lr, cfg.epochs) == ("ipo", 0.2, "on_policy", 1e-4, 1.0)
 
 
 # ---- 2. response log-probabilities ------------------------------------------------------------
@@ -292,12 +292,22 @@ def test_preference_train_learns_the_preference(sft_run, tmp_path, loss):
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     assert mean(last, "loss") < mean(first, "loss")
     assert mean(last, "margin") > mean(first, "margin")
-    assert mean(last, "accuracy") > mean(first, "accuracy")
     assert report["accuracy_before"].keys() == report["accuracy_after"].keys() == {
         f"{t}/{m}" for t in sft.TASKS + ("format",) for m in ("think", "no_think")}
-    trained, _, _ = ev.load_model(str(tmp_path / cfg.name))
+    # over all training pairs (not a noisy 4-pair batch), the saved model prefers the chosen
+    # answers more than the start did, and on more pairs
+    trained, enc, _ = ev.load_model(str(tmp_path / cfg.name))
     start, _, _ = ev.load_model(str(sft_run))
-    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
+    held_out = sft.make_examples(cfg.eval_examples * len(sft.TASKS), seed=cfg.seed + 1)
+    questions = sft.make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in held_out})
+    pairs, _ = dpo.preference_pairs(cfg, None, enc, questions, log=lambda *a: None)
+    ids, targets = dpo.pair_batch(pairs, pad_id=0)
+    n = len(pairs)
+    with torch.no_grad():
+        gap_start = (lambda lp: lp[:n] - lp[n:])(dpo.response_logps(start, ids, targets)[0])
+        gap_trained = (lambda lp: lp[:n] - lp[n:])(dpo.response_logps(trained, ids, targets)[0])
+    assert gap_trained.mean() > gap_start.mean()
+    assert (gap_trained > gap_start).float().mean() > 0.5
 
 
 def test_missing_init_folder_says_to_run_sft_first(tmp_path):

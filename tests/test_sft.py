@@ -150,6 +150,8 @@ def test_verifier_and_held_out_split():
     assert check_answer(ex, f"<think>\nsteps\n</think>\n{ex.answer}<|im_end|>")
     assert check_answer(ex, f"{EMPTY_THINK}{ex.answer}")
     assert not check_answer(ex, f"<think>\n{ex.answer}\n</think>\nwrong")
+    with pytest.raises(ValueError, match="no more distinct questions"):
+        make_examples(30_000, seed=0, tasks=("add",))  # 90 x 90 two-digit sums
     held_out = make_examples(30, seed=1)
     train = make_examples(200, seed=0, exclude={e.question for e in held_out})
     assert not {e.question for e in held_out} & {e.question for e in train}
