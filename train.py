@@ -713,6 +713,7 @@ def train(cfg: dict) -> dict:
         del train_model
         dist.barrier()
         dist.destroy_process_group()
+        summary["process_group"] = True
     return summary
 
 
@@ -751,11 +752,11 @@ def main(argv: list[str] | None = None) -> None:
             overrides.append(arg)
     try:
         cfg = load_config(config_path, overrides)
-        train(cfg)
+        summary = train(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if "RANK" in os.environ:
+    if summary.get("process_group"):
         # The run is complete and its process group destroyed, but gloo's worker threads outlive
         # destroy_process_group and may drop the last collective's tensors while Python is already
         # finalizing; taking the GIL then aborts the process (pytorch/pytorch#179291), and torchrun
