@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from optim import OptimConfig, build_optimizer, lr_at
 from sft import (TASKS, Example, accuracy, accuracy_table, chat_segments, check_answer, make_examples, make_rows,
-                 parse_args, render_chat, save_model)
+                 held_out_examples, load_start, parse_args, render_chat, save_model)
 
 # --------------------------------------------------------------------------------------------
 # 1. Response log-probabilities
@@ -345,15 +345,9 @@ def preference_pairs(cfg: DPOConfig, model, enc, examples: list[Example], log=pr
 
 def preference_train(cfg: DPOConfig, log=functools.partial(print, flush=True)) -> dict:
     """Run preference optimisation as configured and return the report (also <run>/report.json)."""
-    from eval import EvalError, load_model
     check_config(cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    torch.manual_seed(cfg.seed)
-    try:
-        model, enc, data_cfg = load_model(cfg.init, device)
-    except EvalError as e:
-        raise SystemExit(f"error: cannot load the SFT model {cfg.init!r} ({e}); train it first: python sft.py")
-    eval_set = make_examples(cfg.eval_examples * len(TASKS), seed=cfg.seed + 1)
+    model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python sft.py")
+    eval_set = held_out_examples(cfg.eval_examples, cfg.seed)
     # fresh questions (seed + 2: not sft.py's training stream), none of the held-out ones
     questions = make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in eval_set})
     log(f"{cfg.data.replace('_', '-')} preference pairs from {len(questions):,} questions:")
@@ -420,8 +414,7 @@ def preference_train(cfg: DPOConfig, log=functools.partial(print, flush=True)) -
               "pair_counts": data_counts, "steps": steps, "seconds": seconds, "first_loss": history[0]["loss"],
               "final_loss": _mean(window, "loss"), "final_reward_accuracy": _mean(window, "accuracy"),
               "final_margin": _mean(window, "margin"), "accuracy_before": before, "accuracy_after": after}
-    config = {"model": dataclasses.asdict(model.cfg), "data": dataclasses.asdict(data_cfg)}
-    save_model(model, config, run_dir / f"ckpt_{steps:07d}.pt", {"step": steps, "dpo": dataclasses.asdict(cfg)})
+    save_model(model, data_cfg, run_dir / f"ckpt_{steps:07d}.pt", {"step": steps, "dpo": dataclasses.asdict(cfg)})
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     log(format_report(report))
     return report

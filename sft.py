@@ -390,25 +390,39 @@ def accuracy(model, enc, examples: list[Example], max_new_tokens: int) -> dict[s
     return result
 
 
-def save_model(model, config: dict, path: Path, extra: dict) -> None:
-    """A checkpoint eval.load_model reads (config + weights), written to .tmp and renamed."""
+def save_model(model, data_cfg, path: Path, extra: dict) -> None:
+    """A checkpoint eval.load_model reads (the model and data configs + weights), written to .tmp
+    and renamed."""
+    config = {"model": dataclasses.asdict(model.cfg), "data": dataclasses.asdict(data_cfg)}
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"config": config, "model": model.state_dict(), **extra}, tmp)
     os.replace(tmp, path)
 
 
+def load_start(spec: str, device: str, seed: int, how_to_make_it: str):
+    """(model, tokenizer, DataConfig, device) of the run a post-training stage starts from; a
+    missing or unreadable run stops with one line saying how to make it. Seeds torch."""
+    from eval import EvalError, load_model
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    torch.manual_seed(seed)
+    try:
+        model, enc, data_cfg = load_model(spec, device)
+    except EvalError as e:
+        raise SystemExit(f"error: cannot load {spec!r} ({e}); make it first: {how_to_make_it}")
+    return model, enc, data_cfg, device
+
+
+def held_out_examples(per_task: int, seed: int) -> list[Example]:
+    """The evaluation questions (seed + 1), the same for sft.py and dpo.py; training excludes them."""
+    return make_examples(per_task * len(TASKS), seed=seed + 1)
+
+
 def finetune(cfg: SFTConfig, log=functools.partial(print, flush=True)) -> dict:
     """Run SFT as configured and return the report (also written to <run>/report.json)."""
-    from eval import EvalError, load_model
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    torch.manual_seed(cfg.seed)
-    try:
-        model, enc, data_cfg = load_model(cfg.init, device)
-    except EvalError as e:
-        raise SystemExit(f"error: cannot load the base model {cfg.init!r} ({e}); train one first: python train.py")
+    model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python train.py")
     if cfg.seq_len > model.cfg.max_seq_len:
         raise SystemExit(f"error: --seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    eval_set = make_examples(cfg.eval_examples * len(TASKS), seed=cfg.seed + 1)
+    eval_set = held_out_examples(cfg.eval_examples, cfg.seed)
     train_set = make_examples(cfg.train_examples, seed=cfg.seed, exclude={e.question for e in eval_set})
     conversations, mix = hybrid_mix(enc, train_set, cfg.think_token_share, cfg.seed)
     pad_id = enc.encode("<|endoftext|>", allowed_special="all")[0]
@@ -466,8 +480,7 @@ def finetune(cfg: SFTConfig, log=functools.partial(print, flush=True)) -> dict:
     report = {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
               "tokens_per_s": trained_tokens / seconds, "fill": real_tokens / ids.numel(), "rows": ids.shape[0],
               "trainable_params": trainable, "mix": mix, "accuracy_before": before, "accuracy_after": after}
-    config = {"model": dataclasses.asdict(model.cfg), "data": dataclasses.asdict(data_cfg)}
-    save_model(model, config, run_dir / f"ckpt_{steps:07d}.pt",
+    save_model(model, data_cfg, run_dir / f"ckpt_{steps:07d}.pt",
                {"step": steps, "sft": dataclasses.asdict(cfg)})
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     log(format_report(report))

@@ -2,7 +2,6 @@
 margin, on-policy pairs come from the model's own samples, and a short run learns the preference."""
 
 import copy
-import dataclasses
 import json
 import math
 
@@ -275,8 +274,7 @@ def sft_run(small_data, tmp_path):
     model = tiny_model()
     run = tmp_path / "tiny-sft"
     run.mkdir()
-    config = {"model": dataclasses.asdict(model.cfg), "data": dataclasses.asdict(data_cfg)}
-    sft.save_model(model, config, run / "ckpt_0000000.pt", {"step": 0})
+    sft.save_model(model, data_cfg, run / "ckpt_0000000.pt", {"step": 0})
     return run
 
 
@@ -298,7 +296,7 @@ def test_preference_train_learns_the_preference(sft_run, tmp_path, loss):
     # answers more than the start did, and on more pairs
     trained, enc, _ = ev.load_model(str(tmp_path / cfg.name))
     start, _, _ = ev.load_model(str(sft_run))
-    held_out = sft.make_examples(cfg.eval_examples * len(sft.TASKS), seed=cfg.seed + 1)
+    held_out = sft.held_out_examples(cfg.eval_examples, cfg.seed)
     questions = sft.make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in held_out})
     pairs, _ = dpo.preference_pairs(cfg, None, enc, questions, log=lambda *a: None)
     ids, targets = dpo.pair_batch(pairs, pad_id=0)
