@@ -114,7 +114,8 @@ def rope_layers(n_layers: int, nope_every: int) -> list[bool]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, H, T, head_dim) by position; cos/sin are (T, rotary_dim // 2).
+    """Rotate x of shape (B, H, T, head_dim) by position; cos/sin are (T, rotary_dim // 2). For x
+    laid out (B, T, H, head_dim), pass cos[:, None] and sin[:, None].
 
     The "rotate half" layout (first half of the head paired with the second half) is the Hugging
     Face Llama convention, so real Llama-family weights load without permuting q and k. Under
@@ -474,19 +475,23 @@ class CausalSelfAttention(nn.Module):
         w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         q, k, v = F.linear(x, w_qkv).split([self.q_proj.out_features, self.k_proj.out_features,
                                             self.v_proj.out_features], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = kv_cache.pos if kv_cache is not None else None
         if self.dca_chunk and self.use_rope:
-            y = self._dual_chunk(q, k, v, mask, kv_cache, layer, offset or 0)
+            y = self._dual_chunk(q.transpose(1, 2), k.transpose(1, 2), v, mask, kv_cache, layer, offset or 0)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         streaming = isinstance(kv_cache, StreamingKVCache)
         if self.use_rope:
-            q = apply_rope(q, cos, sin)
-            k = k if streaming else apply_rope(k, cos, sin)
+            # Rotated while still (B, T, heads, head_dim): the new q and k are then laid out token by
+            # token, as the attention kernels read them, and so is their output, which o_proj then
+            # reads without a transposing copy (one copy fewer per layer, forward and backward).
+            q = apply_rope(q, cos[:, None], sin[:, None])
+            k = k if streaming else apply_rope(k, cos[:, None], sin[:, None])
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
             if streaming and self.use_rope:  # rotate every kept key by its slot in the cache

@@ -67,8 +67,9 @@ def time_steps(step_fn, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc_ids, compile_blocks: bool,
-               activation_checkpointing: bool = False, profile_dir: Path | None = None) -> dict:
+def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc_ids, compiled: bool,
+               activation_checkpointing: bool = False, profile_dir: Path | None = None,
+               compile_mode: str | None = None, compile_per_block: bool = False) -> dict:
     mcfg = cfg["model"]
     torch._dynamo.reset()  # SDPA's kernel is chosen at trace time: no graph reuse across variants
     # "sdpa-<kernel>" pins SDPA to one kernel (cudnn, flash, efficient) by disabling the others;
@@ -90,9 +91,12 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
         torch.manual_seed(0)
         model = Transformer(mcfg).cuda()
         model.activation_checkpointing = activation_checkpointing
-        if compile_blocks:
+        fwd = model
+        if compiled and compile_per_block:  # what train.py does under FSDP
             for block in model.blocks:
-                block.compile()
+                block.compile(mode=compile_mode)
+        elif compiled:  # what train.py does otherwise: the whole forward as one graph
+            fwd = torch.compile(model, mode=compile_mode)
         opt = build_optimizer(model, OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=0))
         T = cfg["train"].seq_len
         x = torch.randint(0, mcfg.vocab_size, (batch, T + 1), device="cuda")
@@ -100,7 +104,7 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = model(x[:, :-1], x[:, 1:], doc)
+                loss, _ = fwd(x[:, :-1], x[:, 1:], doc)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -113,11 +117,11 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     finally:
         if fa3:
             restore_flash_attention_impl()
-    del model, opt
+    del model, fwd, opt
     return result
 
 
-def bench_fsdp(cfg: dict, batch: int, steps: int, warmup: int, backend: str, compile_blocks: bool) -> dict:
+def bench_fsdp(cfg: dict, batch: int, steps: int, warmup: int, backend: str, compiled: bool) -> dict:
     """Our model under FSDP2 (launched with torchrun): per-GPU throughput of a sharded step."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -125,7 +129,7 @@ def bench_fsdp(cfg: dict, batch: int, steps: int, warmup: int, backend: str, com
     mcfg.attn_backend = backend
     torch.manual_seed(0)
     model = Transformer(mcfg).cuda()
-    if compile_blocks:
+    if compiled:
         for block in model.blocks:
             block.compile()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -238,6 +242,9 @@ def main() -> None:
     p.add_argument("--doc-masking", action="store_true",
                    help="compare flex with corpus document masks against SDPA/flex plain causal")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--compile-per-block", action="store_true",
+                   help="compile our model block by block (train.py's way under FSDP), not as one graph")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="write a kernel-time breakdown next to --out")
     p.add_argument("--fsdp", action="store_true",
@@ -271,7 +278,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    compile_blocks = not args.no_compile
+    compiled = not args.no_compile
     prof = out.parent if args.profile else None
     if args.fsdp:
         import torch.distributed as dist
@@ -279,7 +286,7 @@ def main() -> None:
         meta["world_size"] = world
         for backend in args.backends.split(","):
             results[f"ours[{backend}, fsdp x{world}]"] = r = bench_fsdp(
-                copy.deepcopy(cfg), args.micro_batch, args.steps, args.warmup, backend, compile_blocks)
+                copy.deepcopy(cfg), args.micro_batch, args.steps, args.warmup, backend, compiled)
             if dist.get_rank() == 0:
                 print(f"ours[{backend}, fsdp x{world}]  {r['tok_per_s']:>10,.0f} tok/s per GPU  MFU "
                       f"{100 * (r['mfu'] or 0):5.1f}%  peak {r['peak_mem_gib']:6.1f} GiB", flush=True)
@@ -288,12 +295,13 @@ def main() -> None:
         dist.destroy_process_group()
         return
     for backend in args.backends.split(","):
-        run(f"ours[{backend}]", bench_ours, args.micro_batch, args.steps, args.warmup, backend, None, compile_blocks,
-            args.activation_checkpointing, prof)
+        run(f"ours[{backend}]", bench_ours, args.micro_batch, args.steps, args.warmup, backend, None, compiled,
+            args.activation_checkpointing, prof, args.compile_mode, args.compile_per_block)
     if args.doc_masking:
         doc = corpus_doc_ids(args.micro_batch, cfg["train"].seq_len)
         meta["docs_per_window"] = float((doc[:, -1] + 1).float().mean())
-        run("ours[flex, doc mask]", bench_ours, args.micro_batch, args.steps, args.warmup, "flex", doc, compile_blocks)
+        run("ours[flex, doc mask]", bench_ours, args.micro_batch, args.steps, args.warmup, "flex", doc, compiled,
+            args.activation_checkpointing, None, args.compile_mode, args.compile_per_block)
     if args.vs_hf:
         run("hf[llama, compiled]", bench_hf, args.micro_batch, args.steps, args.warmup, not args.no_compile)
         ours = [v["tok_per_s"] for k, v in results.items() if k.startswith("ours[") and "doc" not in k and "error" not in v]

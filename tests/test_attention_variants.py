@@ -662,21 +662,25 @@ def test_invalid_variant_is_one_error_line_in_train(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: model.yarn_factor=0.5")
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("name", ["hybrid", "mla", "sinks", "swa"])
-def test_compiled_blocks_give_the_same_loss_and_gradients(name):
-    """train.py compiles every block on GPU; the variants must trace (graph breaks allowed) and
-    compute the same thing. aot_eager runs dynamo and autograd tracing without a C compiler."""
+def test_compiled_model_gives_the_same_loss_and_gradients(name, scope):
+    """train.py compiles the whole training forward on GPU (block by block under FSDP); the variants
+    must trace (graph breaks allowed) and compute the same thing. aot_eager runs dynamo and autograd
+    tracing without a C compiler."""
     torch._dynamo.reset()  # a fresh compile cache: never fall back to eager after the recompile limit
     idx = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0))
     doc_ids = random_doc_ids(2, 32, seed=7)
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        m = Transformer(tiny(**VARIANTS[name]))
-        if compiled:
+        m = fwd = Transformer(tiny(**VARIANTS[name]))
+        if compiled and scope == "blocks":
             for block in m.blocks:
                 block.compile(backend="aot_eager")
-        loss, _ = m(idx[:, :-1], idx[:, 1:], doc_ids)
+        elif compiled:
+            fwd = torch.compile(m, backend="aot_eager")
+        loss, _ = fwd(idx[:, :-1], idx[:, 1:], doc_ids)
         loss.backward()
         results.append((loss.detach(), m.blocks[0].attn.o_proj.weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])

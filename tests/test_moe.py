@@ -367,24 +367,31 @@ def test_two_gloo_ranks_with_global_statistics_equal_one_process_with_the_whole_
 
 
 @pytest.mark.slow
-def test_compiled_moe_blocks_equal_eager_in_loss_gradients_and_balance_state():
-    """torch.compile per block, as train.py does (aot_eager: dynamo's graphs without a C++ compiler),
-    in bf16 autocast so the grouped path runs torch._grouped_mm inside the graph."""
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_moe_equals_eager_in_loss_gradients_and_balance_state(scope):
+    """torch.compile of the whole forward (train.py without FSDP) or per block (under FSDP), with
+    aot_eager (dynamo's graphs without a C++ compiler), in bf16 autocast so the grouped path runs
+    torch._grouped_mm inside the graph."""
+    torch._dynamo.reset()
     cfg = moe_cfg(moe_experts=4, moe_top_k=2, moe_bias_rate=0.01)
     torch.manual_seed(0)
     eager = Transformer(cfg)
     compiled = Transformer(cfg)
     compiled.load_state_dict(eager.state_dict())
-    for block in compiled.blocks:
-        block.compile(backend="aot_eager")
+    compiled_fwd = compiled
+    if scope == "blocks":
+        for block in compiled.blocks:
+            block.compile(backend="aot_eager")
+    else:
+        compiled_fwd = torch.compile(compiled, backend="aot_eager")
     idx = torch.randint(0, 97, (2, 17))
     results = []
-    for model in (eager, compiled):
+    for model, fwd in ((eager, eager), (compiled, compiled_fwd)):
         rows = []
         for _ in range(2):
             begin_moe_step(model, 1)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, parts = model(idx[:, :-1], idx[:, 1:])
+                loss, parts = fwd(idx[:, :-1], idx[:, 1:])
             loss.backward()
             rows.append((loss.item(), end_moe_step(model)))
         results.append((rows, [p.grad.clone() for p in model.parameters()], model.blocks[1].mlp.router.expert_bias))
