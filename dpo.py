@@ -84,18 +84,25 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, targets
 
 
+def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(N, T): log pi(targets[t] | ids[:t + 1]) where targets is not -100, 0 elsewhere.
+
+    `temperature` divides the logits: rl.py scores its samples under the distribution that drew
+    them (softmax(logits / T)), as TRL's GRPOTrainer does; preference losses use T = 1.
+    Log-softmax in float32 (the losses take differences of sums of hundreds of log-probs, where
+    bf16's 3 significant digits would drown the signal); bf16 forward on GPU, as sft.py trains."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+        logits = model(ids)
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != -100, picked, 0.0)
+
+
 def response_logps(model, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the SUM of log p(target token) over positions whose target is not -100 (the
-    response), and the COUNT of those tokens (IPO and ORPO use the average, sum / count).
-
-    Log-softmax in float32: the losses take differences of sums of hundreds of log-probs, where
-    bf16's 3 significant digits would drown the signal. Right padding cannot change a real token's
-    log-prob under causal attention, so no attention mask is needed."""
-    logits = model(ids)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    mask = targets != -100
-    token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, token_logp, 0.0).sum(-1), mask.sum(-1)
+    response), and the COUNT of those tokens (IPO and ORPO use the average, sum / count). Right
+    padding cannot change a real token's log-prob under causal attention, so no attention mask."""
+    return token_logps(model, ids, targets).sum(-1), (targets != -100).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +354,7 @@ def preference_train(cfg: DPOConfig, log=functools.partial(print, flush=True)) -
     """Run preference optimisation as configured and return the report (also <run>/report.json)."""
     check_config(cfg)
     model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python sft.py")
-    eval_set = held_out_examples(cfg.eval_examples, cfg.seed)
+    eval_set = held_out_examples(cfg.eval_examples)
     # fresh questions (seed + 2: not sft.py's training stream), none of the held-out ones
     questions = make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in eval_set})
     log(f"{cfg.data.replace('_', '-')} preference pairs from {len(questions):,} questions:")
@@ -404,23 +411,24 @@ def preference_train(cfg: DPOConfig, log=functools.partial(print, flush=True)) -
         metrics_file.write(json.dumps(history[-1]) + "\n")
         if step % 10 == 0 or step == steps:
             recent = history[-10:]
-            log(f"step {step:4d}/{steps} | loss {_mean(recent, 'loss'):.4f} | reward acc "
-                f"{_mean(recent, 'accuracy'):.0%} | margin {_mean(recent, 'margin'):+.4f} | lr {lr:.2e}")
+            log(f"step {step:4d}/{steps} | loss {mean_of(recent, 'loss'):.4f} | reward acc "
+                f"{mean_of(recent, 'accuracy'):.0%} | margin {mean_of(recent, 'margin'):+.4f} | lr {lr:.2e}")
     seconds = time.time() - t0
     metrics_file.close()
     after = accuracy(model, enc, eval_set, cfg.max_new_tokens)
     window = history[-max(1, min(10, steps // 4)):]
     report = {"loss_type": cfg.loss, "beta": cfg.beta, "data": cfg.data, "pairs": len(pairs),
               "pair_counts": data_counts, "steps": steps, "seconds": seconds, "first_loss": history[0]["loss"],
-              "final_loss": _mean(window, "loss"), "final_reward_accuracy": _mean(window, "accuracy"),
-              "final_margin": _mean(window, "margin"), "accuracy_before": before, "accuracy_after": after}
+              "final_loss": mean_of(window, "loss"), "final_reward_accuracy": mean_of(window, "accuracy"),
+              "final_margin": mean_of(window, "margin"), "accuracy_before": before, "accuracy_after": after}
     save_model(model, data_cfg, run_dir / f"ckpt_{steps:07d}.pt", {"step": steps, "dpo": dataclasses.asdict(cfg)})
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     log(format_report(report))
     return report
 
 
-def _mean(rows: list[dict], key: str) -> float:
+def mean_of(rows: list[dict], key: str) -> float:
+    """The mean of one logged figure over metric rows (the report's "last steps" figures)."""
     return sum(r[key] for r in rows) / len(rows)
 
 
@@ -433,9 +441,4 @@ def format_report(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    config = parse_args(sys.argv[1:], DPOConfig)
-    try:
-        check_config(config)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    preference_train(config)
+    preference_train(parse_args(sys.argv[1:], DPOConfig, check_config))

@@ -412,9 +412,13 @@ def load_start(spec: str, device: str, seed: int, how_to_make_it: str):
     return model, enc, data_cfg, device
 
 
-def held_out_examples(per_task: int, seed: int) -> list[Example]:
-    """The evaluation questions (seed + 1), the same for sft.py and dpo.py; training excludes them."""
-    return make_examples(per_task * len(TASKS), seed=seed + 1)
+HELD_OUT_SEED = 1  # one evaluation set for every run, whatever its --seed: runs of different seeds compare
+
+
+def held_out_examples(per_task: int) -> list[Example]:
+    """The evaluation questions, the same for sft.py, dpo.py, rl.py and merge.py and for every
+    --seed; training excludes them."""
+    return make_examples(per_task * len(TASKS), seed=HELD_OUT_SEED)
 
 
 def finetune(cfg: SFTConfig, log=functools.partial(print, flush=True)) -> dict:
@@ -422,7 +426,7 @@ def finetune(cfg: SFTConfig, log=functools.partial(print, flush=True)) -> dict:
     model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python train.py")
     if cfg.seq_len > model.cfg.max_seq_len:
         raise SystemExit(f"error: --seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    eval_set = held_out_examples(cfg.eval_examples, cfg.seed)
+    eval_set = held_out_examples(cfg.eval_examples)
     train_set = make_examples(cfg.train_examples, seed=cfg.seed, exclude={e.question for e in eval_set})
     conversations, mix = hybrid_mix(enc, train_set, cfg.think_token_share, cfg.seed)
     pad_id = enc.encode("<|endoftext|>", allowed_special="all")[0]
@@ -506,15 +510,22 @@ def _bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-def parse_args(argv: list[str], config_class=None) -> object:
+def parse_args(argv: list[str], config_class=None, check=None) -> object:
     """--some-field VALUE for every field of the config dataclass (SFTConfig by default); fields
-    are int, float, str or bool."""
+    are int, float, str or bool. `check(config)` may raise ValueError: the run then stops with that
+    one line before any loading."""
     config_class = config_class or SFTConfig
     parser = argparse.ArgumentParser(description=sys.modules[config_class.__module__].__doc__.split("\n")[0])
     types = {"int": int, "float": float, "str": str, "bool": _bool}
     for f in dataclasses.fields(config_class):
         parser.add_argument("--" + f.name.replace("_", "-"), type=types[f.type], default=f.default)
-    return config_class(**vars(parser.parse_args(argv)))
+    config = config_class(**vars(parser.parse_args(argv)))
+    try:
+        if check:
+            check(config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return config
 
 
 if __name__ == "__main__":

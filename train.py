@@ -39,7 +39,8 @@ import torch.distributed as dist
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
 from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
 from moe import active_params, begin_moe_step, end_moe_step
-from optim import OptimConfig, build_optimizer, describe_groups, lr_at, wsd_decay_start
+from optim import (OptimConfig, batch_size_at, build_optimizer, describe_groups, lr_at, sqrt_lr_scale,
+                   wsd_decay_start)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainConfig:
     micro_batch_size: int = 16       # sequences per forward pass on one rank
     grad_accum_steps: int = 1        # global batch = micro_batch_size * grad_accum_steps * world_size
     global_batch_size: int = 0       # sequences per step; when set, grad_accum_steps follows from the world size
+    batch_ramp_start: int = 0        # batch warmup: the global batch (sequences) of the first step, growing
+    batch_ramp_tokens: int = 0       # linearly to the full one over this many tokens (0: no ramp)
     seq_len: int = 256
     log_interval: int = 10
     eval_interval: int = 100         # validation loss every N steps (and at step 0 and the end)
@@ -66,6 +69,8 @@ class TrainConfig:
     threads: int = 0                 # CPU threads per process; 0 = cores / processes
     parallelism: str = "ddp"         # ddp (replicated weights) | fsdp (FSDP2: sharded weights, grads, optimizer)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    spike_sigma: float = 0.0         # skip the update of a step whose loss or grad norm is this many standard
+    spike_window: int = 128          # deviations above the mean of the last spike_window steps (OLMo-core: 6, 128); 0 = off
     eval_tasks: tuple[str, ...] = ()  # eval.py tasks scored every eval_interval steps (eval/<task>/<metric>)
     eval_task_items: int = 100       # a seeded sample of this many items per task
 
@@ -74,7 +79,8 @@ class TrainConfig:
                   "eval_interval", "eval_batches", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("ckpt_interval", "sample_tokens", "threads", "global_batch_size"):
+        for k in ("ckpt_interval", "sample_tokens", "threads", "global_batch_size", "batch_ramp_start",
+                  "batch_ramp_tokens", "spike_sigma"):
             if getattr(self, k) < 0:
                 raise ValueError(f"train.{k} must be >= 0, got {getattr(self, k)}")
         if not self.name.strip():
@@ -85,8 +91,13 @@ class TrainConfig:
             raise ValueError(f"train.dtype={self.dtype!r} must be auto, float32 or bfloat16")
         if self.compile not in ("auto", "true", "false"):
             raise ValueError(f"train.compile={self.compile!r} must be auto, true or false")
+        if self.spike_window < 4:
+            raise ValueError(f"train.spike_window must be >= 4 steps, got {self.spike_window}")
         if self.parallelism not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallelism={self.parallelism!r} must be ddp or fsdp")
+        if bool(self.batch_ramp_start) != bool(self.batch_ramp_tokens):
+            raise ValueError(f"a batch ramp needs both train.batch_ramp_start and train.batch_ramp_tokens, got "
+                             f"{self.batch_ramp_start} and {self.batch_ramp_tokens}")
         if self.global_batch_size and self.grad_accum_steps != 1:
             raise ValueError("set train.global_batch_size or train.grad_accum_steps, not both: with a global "
                              "batch size the accumulation follows from the number of processes")
@@ -301,6 +312,49 @@ def all_reduce_mean(x: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
+class SpikeSkipper:
+    """Skip the update of a step whose loss or gradient norm is far above the recent ones.
+
+    The playbook's loss spikes often come from a bad batch: PaLM restarted ~100 steps before each
+    spike and skipped 200-500 batches. OLMo-core's SkipStepOptimizer does it online, and so does
+    this: a step whose loss or gradient norm is more than `sigma` standard deviations above the
+    mean of the last `window` steps takes no update (its batch is used up, the schedule moves on).
+    A non-finite loss or norm is always skipped. Skipped values stay out of the history, so a spike
+    cannot widen the band that judges the next step. The loss is averaged over ranks and the norm
+    is global, so every rank decides the same and the replicas never diverge."""
+
+    def __init__(self, sigma: float, window: int):
+        self.sigma, self.window = sigma, window
+        self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        self.skipped = 0
+
+    def check(self, loss: float, grad_norm: float) -> str:
+        """'' to take the step, else why it is skipped (the step is then counted in `skipped`)."""
+        why = ""
+        for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+            past = self.history[name]
+            if not math.isfinite(value):
+                why = f"{name} is {value}"
+            elif len(past) >= self.window // 2:  # half a window of history before judging anything
+                mean = sum(past) / len(past)
+                std = math.sqrt(sum((v - mean) ** 2 for v in past) / len(past))
+                if value > mean + self.sigma * std:
+                    why = why or (f"{name} {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} std above the "
+                                  f"mean {mean:.4g} of the last {len(past)} steps")
+        if why:
+            self.skipped += 1
+            return why
+        for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+            self.history[name] = (self.history[name] + [value])[-self.window:]
+        return ""
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.skipped = state["history"], state["skipped"]
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
@@ -341,14 +395,14 @@ def gather_rng_states() -> list[dict]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dict, tokens: int,
-                    keep: int, sharded: bool) -> Path:
+                    keep: int, sharded: bool, spikes: SpikeSkipper | None = None) -> Path:
     """Everything a resumed run needs to continue exactly, written under a temporary name and then
     renamed, so a crash mid-write never leaves a broken or half-overwritten checkpoint.
 
     Sharded (FSDP): every rank writes its own shards with torch.distributed.checkpoint, which can
     be read back by any number of ranks (it reshards on load). Otherwise rank 0 writes one file."""
     meta = {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": gather_rng_states(),
-            "config": config_dict(cfg)}
+            "config": config_dict(cfg), "spikes": spikes.state_dict() if spikes else None}
     master = not dist.is_initialized() or dist.get_rank() == 0
     if sharded:
         import torch.distributed.checkpoint as dcp
@@ -387,6 +441,7 @@ def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
     now = config_dict(cfg)
     fixed = [("model", k) for k in saved["model"] if k not in RESUMABLE_MODEL_CHANGES]
     fixed += [("data", k) for k in FIXED_DATA_KEYS if k in saved.get("data", {})]
+    fixed += [("optim", "name")] if "name" in saved.get("optim", {}) else []  # AdamW and Muon keep other states
     for section, k in fixed:
         v = saved[section][k]
         if now[section].get(k) != v:
@@ -489,6 +544,11 @@ def train(cfg: dict) -> dict:
             raise ConfigError(f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size x processes = {tcfg.micro_batch_size} x {world}; "
                               f"change one of them")
+    global_batch = tcfg.micro_batch_size * accum * world
+    per_micro = tcfg.micro_batch_size * world  # sequences one micro-batch on every rank adds to a step
+    if tcfg.batch_ramp_start and (tcfg.batch_ramp_start % per_micro or tcfg.batch_ramp_start >= global_batch):
+        raise ConfigError(f"train.batch_ramp_start={tcfg.batch_ramp_start} must be a multiple of train.micro_batch_size "
+                          f"x processes = {tcfg.micro_batch_size} x {world} and below the global batch {global_batch}")
 
     saved = None
     if tcfg.resume and ckpts:  # before any data work: a checkpoint that does not fit stops at once
@@ -556,9 +616,11 @@ def train(cfg: dict) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded)
     optimizer = build_optimizer(model, ocfg)
     start_step, tokens = 0, 0
+    spikes = SpikeSkipper(tcfg.spike_sigma, tcfg.spike_window) if tcfg.spike_sigma else None
     if saved is not None:
         # the optimizer's state dict carries its hyperparameters too; the config's win (lr is set each step)
-        settings = [{k: g[k] for k in ("betas", "eps", "weight_decay")} for g in optimizer.param_groups]
+        settings = [{k: g[k] for k in ("betas", "eps", "weight_decay", "momentum", "nesterov", "ns_steps") if k in g}
+                    for g in optimizer.param_groups]
         restore_weights(ckpts[-1], saved, model, optimizer)
         for group, setting in zip(optimizer.param_groups, settings):
             group.update(setting)
@@ -568,6 +630,8 @@ def train(cfg: dict) -> dict:
             log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
                 f"each source continues at the same position of its new window order")
         start_step, tokens = saved["step"], saved["tokens"]
+        if spikes and saved.get("spikes"):
+            spikes.load_state_dict(saved["spikes"])
         if len(saved["rng"]) == world:
             set_rng_state(saved["rng"][rank])
         else:
@@ -584,7 +648,6 @@ def train(cfg: dict) -> dict:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    global_batch = tcfg.micro_batch_size * accum * world
     tokens_per_step = global_batch * tcfg.seq_len
     fpt = flops_per_token(mcfg, tcfg.seq_len)
     peak = peak_flops_per_device(device, tcfg.peak_flops)
@@ -595,7 +658,7 @@ def train(cfg: dict) -> dict:
     if mcfg.moe:
         log(f"moe: {mcfg.moe_experts} experts, top-{mcfg.moe_top_k}, {mcfg.moe_shared_experts} shared, in layers "
             f"{mcfg.moe_dense_layers}..{mcfg.n_layers - 1}; {active_params(mcfg):,} parameters active per token")
-    log(f"optimizer groups (AdamW, no decay on embeddings and norms):\n{describe_groups(optimizer)}")
+    log(f"optimizer groups ({ocfg.name}; no decay on embeddings and norms):\n{describe_groups(optimizer)}")
     if ocfg.warmup_steps > tcfg.max_steps:  # allowed (a smoke test), but rarely meant
         log(f"note: optim.warmup_steps={ocfg.warmup_steps} is above train.max_steps={tcfg.max_steps}: the learning "
             f"rate never reaches optim.lr={ocfg.lr:g}")
@@ -607,6 +670,12 @@ def train(cfg: dict) -> dict:
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
         f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
+    if tcfg.batch_ramp_tokens:
+        log(f"batch ramp: {tcfg.batch_ramp_start} -> {global_batch} sequences over the first "
+            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}")
+    if ocfg.lr_base_batch:
+        log(f"lr scaled by sqrt(batch / {ocfg.lr_base_batch}): x{sqrt_lr_scale(global_batch, ocfg.lr_base_batch):.3f} "
+            f"at the full batch")
 
     def run_task_evals(step: int):
         if task_evals:
@@ -624,11 +693,14 @@ def train(cfg: dict) -> dict:
 
     t_last, tokens_last, paused = time.time(), tokens, 0.0  # paused: eval and checkpoint time, not training
     for step in range(start_step, tcfg.max_steps):
+        batch = batch_size_at(tokens, global_batch, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens, per_micro)
         lr = lr_at(step, ocfg, tcfg.max_steps)
+        if ocfg.lr_base_batch:
+            lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
-        micro_batches = loader.next_step(tcfg.micro_batch_size, accum)
+        micro_batches = loader.next_step(tcfg.micro_batch_size, batch // per_micro)
         if mcfg.moe:  # balance statistics cover every micro-batch of the step (moe.py)
             begin_moe_step(model, len(micro_batches))
         try:
@@ -650,7 +722,13 @@ def train(cfg: dict) -> dict:
                 parts_sum["z_loss"] += parts["z_loss"].item() / len(micro_batches)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
-            optimizer.step()
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
+            skip = spikes.check(all_reduce_mean(parts_sum["loss"], device), float(grad_norm)) if spikes else ""
+            if skip:
+                log(f"step {step + 1:>6} | update skipped: {skip}")
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         except torch.OutOfMemoryError as e:
             raise ConfigError(
@@ -659,10 +737,8 @@ def train(cfg: dict) -> dict:
                 f"train.micro_batch_size (raise train.grad_accum_steps to keep the global batch), "
                 f"{'' if mcfg.moe else 'set train.activation_checkpointing=true, '}use train.parallelism=fsdp, "
                 f"or shorten train.seq_len") from e
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
-            grad_norm = grad_norm.full_tensor()
         moe_row = end_moe_step(model) if mcfg.moe else {}  # load metrics; the aux-loss-free bias update
-        tokens += tokens_per_step
+        tokens += batch * tcfg.seq_len
         done = step + 1
 
         if done % tcfg.log_interval == 0 or done == tcfg.max_steps:
@@ -673,7 +749,9 @@ def train(cfg: dict) -> dict:
             tok_per_s = (tokens - tokens_last) / max(elapsed, 1e-9)
             row = {"step": done, "tokens": tokens, "loss": loss_avg, "ce": all_reduce_mean(parts_sum["ce"], device),
                    "z_loss": all_reduce_mean(parts_sum["z_loss"], device), "lr": lr,
-                   "grad_norm": float(grad_norm), "tok_per_s": tok_per_s}
+                   "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "batch_size": batch}
+            if spikes:
+                row["skipped_steps"] = spikes.skipped
             if peak:
                 row["mfu"] = tok_per_s * fpt / (peak * world)
             row.update(moe_row)
@@ -682,8 +760,9 @@ def train(cfg: dict) -> dict:
             if moe_row:
                 mfu += (f" | moe imbalance {moe_row['moe/imbalance']:.2f} dead {moe_row['moe/dead_experts']} "
                         f"balance {moe_row['moe/balance_loss']:.3f}")
+            ramp = f" | batch {batch}" if tcfg.batch_ramp_tokens else ""
             log(f"step {done:>6} | loss {loss_avg:.4f} | lr {lr:.2e} | grad_norm {row['grad_norm']:.3f} | "
-                f"{tok_per_s:,.0f} tok/s{mfu}")
+                f"{tok_per_s:,.0f} tok/s{mfu}{ramp}")
             t_last, tokens_last, paused = time.time(), tokens, 0.0
 
         t_pause = time.time()
@@ -693,7 +772,8 @@ def train(cfg: dict) -> dict:
             log(f"step {done:>6} | val_loss {val_loss:.4f}")
             run_task_evals(done)
         if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == tcfg.max_steps:
-            path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded)
+            path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded,
+                                   spikes)
             log(f"saved {path}")
         paused += time.time() - t_pause
 

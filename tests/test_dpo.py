@@ -296,7 +296,7 @@ def test_preference_train_learns_the_preference(sft_run, tmp_path, loss):
     # answers more than the start did, and on more pairs
     trained, enc, _ = ev.load_model(str(tmp_path / cfg.name))
     start, _, _ = ev.load_model(str(sft_run))
-    held_out = sft.held_out_examples(cfg.eval_examples, cfg.seed)
+    held_out = sft.held_out_examples(cfg.eval_examples)
     questions = sft.make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in held_out})
     pairs, _ = dpo.preference_pairs(cfg, None, enc, questions, log=lambda *a: None)
     ids, targets = dpo.pair_batch(pairs, pad_id=0)

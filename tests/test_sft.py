@@ -152,9 +152,11 @@ def test_verifier_and_held_out_split():
     assert not check_answer(ex, f"<think>\n{ex.answer}\n</think>\nwrong")
     with pytest.raises(ValueError, match="no more distinct questions"):
         make_examples(30_000, seed=0, tasks=("add",))  # 90 x 90 two-digit sums
-    held_out = make_examples(30, seed=1)
-    train = make_examples(200, seed=0, exclude={e.question for e in held_out})
-    assert not {e.question for e in held_out} & {e.question for e in train}
+    held_out = sft.held_out_examples(10)  # one set for every run: runs of any seed are scored alike
+    assert len(held_out) == 30 and held_out == sft.held_out_examples(10)
+    for seed in range(4):  # sft.py trains on `seed`, dpo.py on seed + 2, rl.py on seed + 3: none sees it
+        train = make_examples(200, seed=seed, exclude={e.question for e in held_out})
+        assert not {e.question for e in held_out} & {e.question for e in train}
     for e in held_out:  # the reasoning trace leads to the answer it states
         if e.task == "add":
             a, b = map(int, e.question[len("What is "):-1].split(" + "))

@@ -425,3 +425,153 @@ def test_out_of_memory_names_the_knobs(small_data, tmp_path, monkeypatch):
     for knob in ("train.micro_batch_size", "train.grad_accum_steps", "train.activation_checkpointing",
                  "train.parallelism=fsdp", "train.seq_len"):
         assert knob in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon, batch-size warmup
+
+
+def test_muon_run_lowers_the_loss_and_resumes_exactly(small_data, tmp_path):
+    full = run(small_data, tmp_path, "full", **{"optim.name": "muon"})
+    run(small_data, tmp_path, "split", **{"optim.name": "muon", "train.max_steps": 3})
+    run(small_data, tmp_path, "split", **{"optim.name": "muon", "train.resume": True})
+    a, b = losses(Path(full["run_dir"])), losses(tmp_path / "split")
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and a == b  # bit-for-bit: the momentum buffers came back
+    assert losses(Path(full["run_dir"]), "val_loss") == losses(tmp_path / "split", "val_loss")
+    assert a[6] < a[1]
+    adamw = losses(Path(run(small_data, tmp_path, "adamw")["run_dir"]))
+    assert adamw[2] != a[2]  # really another optimizer
+    # the optimizer's state cannot change kind on resume
+    with pytest.raises(ConfigError, match="optim.name is 'muon' in the checkpoint but 'adamw' now"):
+        run(small_data, tmp_path, "split", **{"train.resume": True, "train.max_steps": 8})
+
+
+def test_bad_optimizer_and_ramp_settings_stop_with_one_line(small_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.name='lion' is not one of \('adamw', 'muon'\)"):
+        load_config(None, ["--optim.name=lion"])
+    with pytest.raises(ConfigError, match="a batch ramp needs both train.batch_ramp_start and train.batch_ramp_tokens"):
+        load_config(None, ["--train.batch_ramp_start=4"])
+    with pytest.raises(ConfigError, match="train.batch_ramp_tokens must be >= 0"):
+        load_config(None, ["--train.batch_ramp_start=4", "--train.batch_ramp_tokens=-1"])
+    for start in (6, 16, 32):  # not whole micro-batches; not below the global batch of 16
+        with pytest.raises(ConfigError, match=rf"train.batch_ramp_start={start} must be a multiple of "
+                                              r"train.micro_batch_size x processes = 4 x 1 and below the global batch 16"):
+            run(small_data, tmp_path, "ramp", **{"train.global_batch_size": 16, "train.batch_ramp_start": start,
+                                                 "train.batch_ramp_tokens": 1000})
+    assert not (tmp_path / "ramp").exists()
+
+
+def test_batch_ramp_grows_the_batch_counts_tokens_and_resumes_mid_ramp(small_data, tmp_path):
+    """4 -> 16 sequences over 2048 tokens, micro-batches of 4 (so steps of 4 sequences), lr scaled
+    by sqrt(batch / 16): the logged batch sizes follow batch_size_at of the tokens seen, tokens
+    add up step by step, and a run stopped mid-ramp resumes into the same figures. (A constant
+    schedule: cosine's values depend on max_steps, which the stopped run changes.)"""
+    from optim import batch_size_at, lr_at, sqrt_lr_scale
+    ramp = {"train.global_batch_size": 16, "train.batch_ramp_start": 4, "train.batch_ramp_tokens": 2048,
+            "optim.lr_base_batch": 16, "optim.schedule": "constant",  # a schedule that does not depend on max_steps
+            "train.max_steps": 8, "train.ckpt_interval": 4, "train.eval_interval": 4}
+    full = run(small_data, tmp_path, "ramp", **ramp)
+    rows = [json.loads(line) for line in (Path(full["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["batch_size"] for r in steps] == [4, 4, 4, 8, 8, 12, 16, 16]
+    tokens = 0
+    cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "x", **ramp))
+    for r in steps:
+        assert r["batch_size"] == batch_size_at(tokens, 16, 4, 2048, 4)
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg["optim"], 8) * sqrt_lr_scale(r["batch_size"], 16))
+        tokens += r["batch_size"] * 64
+        assert r["tokens"] == tokens
+    assert full["tokens"] == tokens == 72 * 64
+
+    run(small_data, tmp_path, "split", **{**ramp, "train.max_steps": 4})        # stops at 8 sequences, mid-ramp
+    run(small_data, tmp_path, "split", **{**ramp, "train.resume": True})
+    resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("tok_per_s", "mfu")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.mark.slow
+def test_muon_under_fsdp_matches_one_process_and_resumes_from_shards(small_data, tmp_path):
+    """Muon on FSDP2 shards gathers each matrix for Newton-Schulz and keeps its own shard of the
+    update: 2 gloo ranks give the one-process loss curve, and their sharded checkpoint (with the
+    momentum buffers) resumes on 1 rank."""
+    cfg = small_data[0]
+    muon = {"optim.name": "muon"}
+    reference = losses(Path(run(small_data, tmp_path, "ref", **{**muon, "train.grad_accum_steps": 2})["run_dir"]))
+    torchrun(2, tiny_overrides(cfg, tmp_path, "fsdp", **{**muon, "train.parallelism": "fsdp", "train.max_steps": 3}),
+             tmp_path)
+    assert len(list((tmp_path / "fsdp" / "ckpt_0000003").glob("*.distcp"))) == 2
+    run(small_data, tmp_path, "fsdp", **{**muon, "train.parallelism": "fsdp", "train.resume": True,
+                                         "train.grad_accum_steps": 2})
+    sharded = losses(tmp_path / "fsdp")
+    assert sorted(sharded) == sorted(reference) == [1, 2, 3, 4, 5, 6]
+    for step in reference:
+        assert sharded[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_spike_skipper_flags_a_planted_outlier_and_nothing_else():
+    import random
+    from train import SpikeSkipper
+    rng = random.Random(0)
+    skipper = SpikeSkipper(sigma=6.0, window=64)
+    reasons = []
+    for i in range(300):
+        loss, norm = 3.0 + rng.gauss(0, 0.05), 1.0 + rng.gauss(0, 0.1)
+        if i == 200:
+            norm = 4.0  # a bad batch: its gradient is 30 std above the recent ones
+        reasons.append(skipper.check(loss, norm))
+    assert [i for i, r in enumerate(reasons) if r] == [200] and reasons[200].startswith("grad_norm 4")
+    assert skipper.skipped == 1 and 4.0 not in skipper.history["grad_norm"]  # kept out of the history
+    assert len(skipper.history["loss"]) == 64
+    assert "loss is nan" in skipper.check(float("nan"), 1.0) and "inf" in skipper.check(3.0, float("inf"))
+    early = SpikeSkipper(sigma=6.0, window=64)
+    assert all(early.check(3.0 + 10 * i, 1.0) == "" for i in range(32))  # no judgement before half a window
+    assert early.check(1e6, 1.0) != ""
+
+
+def test_a_planted_bad_batch_is_skipped_and_the_skipping_resumes_exactly(small_data, tmp_path, monkeypatch):
+    """PaLM's remedy for loss spikes, online: the step of a planted bad batch (every target one rare
+    token) takes no optimizer update; the same run without the plant skips nothing; a run stopped
+    and resumed after the spike logs the same rows (the history travels in the checkpoint)."""
+    from data import MixtureLoader
+    real_next_step = MixtureLoader.next_step
+    planted_at = {"step": 0}
+    calls = {}
+
+    def next_step(self, micro_batch_size, grad_accum_steps):
+        batches = real_next_step(self, micro_batch_size, grad_accum_steps)
+        if grad_accum_steps == 2:  # the training loader (validation asks for one micro-batch)
+            calls[id(self)] = calls.get(id(self), 0) + 1
+            if calls[id(self)] == planted_at["step"]:
+                batches = [(x, torch.full_like(y, 7), doc) for x, y, doc in batches]
+        return batches
+    monkeypatch.setattr(MixtureLoader, "next_step", next_step)
+    updates = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        updates["n"] += 1
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    args = {"train.max_steps": 30, "train.grad_accum_steps": 2, "train.spike_sigma": 6.0, "train.spike_window": 32,
+            "train.eval_interval": 30, "train.ckpt_interval": 24, "optim.lr": 1e-3,
+            "optim.schedule": "constant"}  # cosine would depend on the stopped run's max_steps
+
+    def rows(name):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "mfu")}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    run(small_data, tmp_path, "clean", **args)
+    assert updates["n"] == 30 and all(r["skipped_steps"] == 0 for r in rows("clean"))
+    planted_at["step"], updates["n"] = 20, 0
+    run(small_data, tmp_path, "planted", **args)
+    planted = rows("planted")
+    assert updates["n"] == 29
+    assert [r["skipped_steps"] for r in planted] == [0] * 19 + [1] * 11
+    # the plant really is a bad batch: loss up by a nat, gradient norm up fivefold
+    assert planted[19]["loss"] > planted[18]["loss"] + 1 and planted[19]["grad_norm"] > 5 * planted[18]["grad_norm"]
+    calls.clear()
+    run(small_data, tmp_path, "resumed", **{**args, "train.max_steps": 24})
+    run(small_data, tmp_path, "resumed", **{**args, "train.resume": True})
+    assert rows("resumed") == planted

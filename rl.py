@@ -1,0 +1,441 @@
+"""Reinforcement learning with verifiable rewards: GRPO on the model's own samples, with DAPO's fixes.
+
+    python sft.py                                   # runs/tiny -> runs/tiny-sft (the starting point)
+    python rl.py                                    # runs/tiny-sft -> runs/tiny-rl: GRPO, no-think mode
+    python rl.py --tasks add,sort,reverse --reward exact --name tiny-rl-exact     # the strict verifier
+    python rl.py --overlong-buffer 0 --name tiny-rl-no-penalty    # without DAPO's length penalty
+    python rl.py --scale-by-std false --aggregation sequence      # Dr. GRPO advantages, GRPO's averaging
+    python rl.py --kl-beta 0.04 --name tiny-rl-kl                 # with a KL penalty to the SFT model
+
+The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verifiable rewards):
+1. Rollouts: G completions per prompt, sampled from the policy itself, kept as token ids with the
+   mask of completion tokens and their lengths.
+2. Verifiable rewards: no reward model, a program checks the answer: exactly (sft.check_answer)
+   or with partial credit for answer words in place, optionally plus the reasoning-mode format
+   (sft.follows_mode).
+3. Group-relative advantages (GRPO, Shao et al. 2024, arXiv 2402.03300): each completion is
+   scored against the other completions of its own prompt, so no value network is needed.
+4. DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476): a reward that falls
+   linearly over the last L_cache tokens before the length limit. The playbook's reason: in
+   no-think mode RL lengthens answers (length hacking) unless length is penalised.
+5. The loss: PPO's clipped surrogate against the log-probs of the policy that sampled, DAPO's
+   clip-higher (eps_high > eps_low) and token-level averaging, optional k3 KL to the SFT model.
+6. The run and its report: reward, accuracy, completion length and overlong share per step;
+   before and after, the same numbers on held-out questions (greedy), and accuracy per task and
+   mode (RL in one mode can cost the other: the playbook's "split brain").
+
+One process (CPU or one GPU), like sft.py and dpo.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpo import mean_of, prompt_ids, token_logps
+from optim import OptimConfig, build_optimizer, lr_at
+from sft import (TASKS, Example, accuracy, accuracy_table, check_answer, follows_mode, held_out_examples,
+                 load_start, make_examples, make_rows, parse_args, save_model, strip_think)
+
+# --------------------------------------------------------------------------------------------
+# 1. Rollouts: a group of sampled completions per prompt
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """G sampled completions for each of P prompts; rows p*G .. p*G + G - 1 belong to prompt p.
+
+    ids (N, T): prompt + completion, right-padded. targets (N, T): the next token where that token
+    is a completion token, else -100 (sft.make_rows' layout, so mask = targets != -100 marks the
+    positions whose prediction is a completion token). completions: the sampled ids, <|im_end|>
+    included where the model wrote it; lengths (N,) their token counts; truncated (N,) True where
+    the model never wrote <|im_end|> within the limit."""
+    ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    completions: list[list[int]]
+    lengths: torch.Tensor
+    truncated: torch.Tensor
+    group_size: int
+
+
+def sample_groups(model, prompts: list[list[int]], group_size: int, temperature: float, max_new_tokens: int,
+                  end_id: int, pad_id: int, generator: torch.Generator | None = None,
+                  max_rows: int = 256) -> Rollouts:
+    """group_size completions of every prompt, sampled at temperature, each stopping at end_id
+    (<|im_end|>) or after max_new_tokens. model.generate() takes one prompt length per batch, so
+    prompts of equal token length are sampled together, G copies of each, up to max_rows rows."""
+    device = next(model.parameters()).device
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    completions: list[list[int]] = [[] for _ in range(len(prompts) * group_size)]
+    per_batch = max(1, max_rows // group_size)
+    model.eval()
+    for n, members in by_length.items():
+        for b in range(0, len(members), per_batch):
+            chunk = members[b:b + per_batch]
+            x = torch.tensor([prompts[i] for i in chunk for _ in range(group_size)], device=device)
+            new = model.generate(x, max_new_tokens, temperature=temperature, eos_id=end_id,
+                                 generator=generator)[:, n:].tolist()
+            for j, row in enumerate(new):
+                k = chunk[j // group_size] * group_size + j % group_size
+                completions[k] = row[:row.index(end_id) + 1] if end_id in row else row
+    conversations = [(prompts[k // group_size] + c, [False] * len(prompts[k // group_size]) + [True] * len(c))
+                     for k, c in enumerate(completions)]
+    ids, targets, _ = make_rows(conversations, max(len(c) for c, _ in conversations), packing=False, pad_id=pad_id)
+    return Rollouts(ids=ids.to(device), targets=targets.to(device), mask=(targets != -100).to(device),
+                    completions=completions, lengths=torch.tensor([len(c) for c in completions], device=device),
+                    truncated=torch.tensor([end_id not in c for c in completions], device=device),
+                    group_size=group_size)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Verifiable rewards
+# --------------------------------------------------------------------------------------------
+
+
+REWARDS = ("exact", "partial")
+
+
+def partial_credit(example: Example, completion: str) -> float:
+    """A denser verifiable reward: the share of the expected answer's words (numbers) that the
+    answer part of the completion has in the right position, over the longer of the two. 1 exactly
+    when sft.check_answer accepts it; a one-word answer (a sum) scores 0 or 1. For a model that is
+    rarely right, exact match gives almost every group the same reward and so no advantage."""
+    got = strip_think(completion).split("<|im_end|>", 1)[0].split()
+    want = example.answer.split()
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
+
+
+def task_rewards(examples: list[Example], texts: list[str], thinking: bool, kind: str = "exact",
+                 format_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward, correct) per completion: 1 when the verifier accepts the answer (sft.check_answer),
+    or with kind "partial" the share of answer words in place (partial_credit); plus format_weight
+    when the completion follows the reasoning mode (sft.follows_mode). The playbook's RLVR: a
+    program, not a learned reward model, scores the answers, so there is no reward model to fool."""
+    if kind not in REWARDS:
+        raise ValueError(f"unknown reward {kind!r}; choose from {', '.join(REWARDS)}")
+    correct = torch.tensor([float(check_answer(ex, t)) for ex, t in zip(examples, texts)])
+    reward = correct.clone() if kind == "exact" else \
+        torch.tensor([partial_credit(ex, t) for ex, t in zip(examples, texts)])
+    if format_weight:
+        reward += format_weight * torch.tensor([float(follows_mode(t, thinking)) for t in texts])
+    return reward, correct
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, section 3.4), with
+    L_max = max_length and L_cache = buffer:
+        0                                    if len <= L_max - L_cache
+        (L_max - L_cache - len) / L_cache    if L_max - L_cache < len <= L_max
+        -1                                   if len > L_max
+    Added to the task reward. Instead of a cliff (a truncated answer just scores as wrong, which
+    punishes sound but long reasoning: reward noise, says DAPO), the ramp tells the policy that
+    length itself costs, before the hard limit (the playbook: no-think answers grow under RL
+    unless length is penalised)."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer {buffer} must be in [1, max_length={max_length}]")
+    lengths = lengths.float()
+    expected = max_length - buffer
+    ramp = (expected - lengths) / buffer
+    return torch.where(lengths <= expected, 0.0, torch.where(lengths <= max_length, ramp, -1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Group-relative advantages
+# --------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage of each completion: (r - mean of its group) / (std of its group + eps), the
+    sample std (Bessel-corrected, as TRL's torch.std). scale_by_std=False keeps r - mean only, as
+    Dr. GRPO (Liu et al. 2025, arXiv 2503.20783) argues: dividing by the std up-weights the groups
+    that are almost all right or all wrong. A group whose rewards are all equal gets exactly 0: it
+    says nothing about which completion is better (DAPO's dynamic sampling drops such groups)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.float().view(-1, group_size)
+    advantages = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + eps)
+    all_equal = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(all_equal, 0.0, advantages).view(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The clipped surrogate loss, its aggregation, and the KL penalty
+# --------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("token", "sequence")
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 = exp(ref - pi) - (ref - pi) - 1 (Schulman's "Approximating
+    KL divergence", as GRPO uses it): unbiased over samples of pi, never negative, 0 when the
+    policy assigns the reference's probability."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                           mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.28,
+                           aggregation: str = "token", ref_logps: torch.Tensor | None = None,
+                           kl_beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy loss of a batch of completions (N rows of T positions, mask = completion tokens):
+    per token -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = pi / pi_old
+    against the log-probs at sampling time (PPO, Schulman et al. 2017), + kl_beta * k3 KL.
+
+    eps_high > eps_low is DAPO's clip-higher: a rare token with A > 0 may grow further before the
+    clip stops it, which keeps entropy from collapsing. aggregation "token" averages over all
+    completion tokens of the batch (DAPO: every token weighs the same, so a long wrong answer is
+    not diluted); "sequence" averages within each completion, then over completions (GRPO: a token
+    of a short completion weighs more). Metrics: clip_fraction (tokens whose clip is active), kl."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(-1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    kl = k3_kl(logps, ref_logps) if kl_beta else torch.zeros_like(logps)
+    per_token = per_token + kl_beta * kl
+    weight = mask.float()
+    if aggregation == "token":
+        loss = (per_token * weight).sum() / weight.sum().clamp(min=1)
+    else:
+        loss = ((per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1)).mean()
+    clipped = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps_low))
+    n = weight.sum().clamp(min=1)
+    return loss, {"clip_fraction": ((clipped.float() * weight).sum() / n).item(),
+                  "kl": ((kl.detach() * weight).sum() / n).item()}
+
+
+# --------------------------------------------------------------------------------------------
+# 5. One GRPO step: sample, score, update
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLConfig:
+    init: str = "runs/tiny-sft"    # the SFT model (a run folder of sft.py); also the KL reference
+    name: str = "tiny-rl"          # output: <out_dir>/<name>
+    out_dir: str = "runs"
+    # The defaults are what the tiny SFT model can learn from in minutes: it answers ~1% of
+    # questions exactly, so exact-match groups are nearly all flat (no advantage), while reversing
+    # words earns partial credit often enough to give most groups a signal.
+    tasks: str = "reverse"         # comma-separated built-in tasks of sft.py (add, sort, reverse)
+    mode: str = "no_think"         # reasoning mode of the prompts: "no_think" or "think"
+    reward: str = "partial"        # "exact" (sft.check_answer) or "partial" (share of answer words in place)
+    prompts: int = 800             # training questions, cycled through (800 = one pass at the defaults)
+    prompts_per_step: int = 16
+    group_size: int = 8            # G completions per prompt
+    steps: int = 50
+    temperature: float = 1.0
+    max_new_tokens: int = 32       # also DAPO's L_max
+    overlong_buffer: int = 16      # DAPO's L_cache; 0 turns the overlong penalty off
+    format_weight: float = 0.0     # reward for following the reasoning mode (sft.follows_mode)
+    scale_by_std: bool = True      # False: Dr. GRPO advantages (r - mean)
+    aggregation: str = "token"     # "token" (DAPO) or "sequence" (GRPO)
+    eps_low: float = 0.2
+    eps_high: float = 0.28         # DAPO's clip-higher
+    kl_beta: float = 0.0           # k3 KL to the SFT model; DAPO and Dr. GRPO drop it
+    updates_per_batch: int = 2     # gradient steps per sampled batch; from the 2nd on, the clip acts
+    lr: float = 3e-4               # tiny model: 1e-4 barely moves in 50 steps, 1e-3 collapses (DAPO: 1e-6 at 32B)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    eval_examples: int = 30        # per task, held out (sft.held_out_examples: the questions every run holds out)
+    eval_max_new_tokens: int = 64
+    seed: int = 0
+    device: str = "auto"
+
+
+def check_config(cfg: RLConfig) -> None:
+    """ValueError, one line naming the setting and its valid range (before anything is loaded)."""
+    unknown = [t for t in cfg.tasks.split(",") if t not in TASKS]
+    if unknown or not cfg.tasks:
+        raise ValueError(f"--tasks {cfg.tasks!r}: a comma-separated subset of {','.join(TASKS)}")
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"--reward {cfg.reward!r}: choose from {', '.join(REWARDS)}")
+    if cfg.mode not in ("no_think", "think"):
+        raise ValueError(f"--mode {cfg.mode!r}: choose from no_think, think")
+    if cfg.aggregation not in AGGREGATIONS:
+        raise ValueError(f"--aggregation {cfg.aggregation!r}: choose from {', '.join(AGGREGATIONS)}")
+    for key in ("prompts", "prompts_per_step", "steps", "max_new_tokens", "updates_per_batch", "eval_examples"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} must be >= 1")
+    if cfg.group_size < 2:
+        raise ValueError(f"--group-size {cfg.group_size} must be >= 2: advantages compare completions of one prompt")
+    if not 0 <= cfg.overlong_buffer <= cfg.max_new_tokens:
+        raise ValueError(f"--overlong-buffer {cfg.overlong_buffer} must be in [0, --max-new-tokens="
+                         f"{cfg.max_new_tokens}] (0: no overlong penalty)")
+    if not 0 <= cfg.eps_low < 1 or cfg.eps_high < 0:
+        raise ValueError(f"--eps-low {cfg.eps_low} must be in [0, 1) and --eps-high {cfg.eps_high} >= 0 "
+                         f"(DAPO: 0.2 and 0.28)")
+    if cfg.temperature <= 0 or cfg.lr <= 0:
+        raise ValueError(f"--temperature {cfg.temperature} and --lr {cfg.lr} must be > 0")
+    if cfg.kl_beta < 0 or cfg.grad_clip < 0 or cfg.warmup_steps < 0:
+        raise ValueError("--kl-beta, --grad-clip and --warmup-steps must be >= 0")
+
+
+def policy_update(model, optimizer, rollouts: Rollouts, advantages: torch.Tensor, cfg: RLConfig,
+                  ref=None) -> dict[str, float]:
+    """Train on one sampled batch: log-probs of the policy as it sampled (pi_old), then
+    cfg.updates_per_batch gradient steps on the clipped surrogate. The first step is exactly on
+    policy (ratio 1, the plain policy gradient); later ones see a ratio that moved, and the clip
+    bounds how far one batch may push. Returns the last step's loss and metrics.
+
+    A batch whose advantages are all 0 (every group all right or all wrong) and no KL term has
+    nothing to learn; it is skipped rather than letting Adam's momentum move the weights."""
+    if not advantages.any() and not cfg.kl_beta:
+        return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "skipped": 1.0}
+    with torch.no_grad():
+        old = token_logps(model, rollouts.ids, rollouts.targets, cfg.temperature)
+        ref_logps = token_logps(ref, rollouts.ids, rollouts.targets, cfg.temperature) if cfg.kl_beta else None
+    model.train()
+    for _ in range(cfg.updates_per_batch):
+        logps = token_logps(model, rollouts.ids, rollouts.targets, cfg.temperature)
+        loss, metrics = clipped_surrogate_loss(logps, old, advantages.to(logps.device), rollouts.mask,
+                                               cfg.eps_low, cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), **metrics, "skipped": 0.0}
+
+
+def score(rollouts: Rollouts, examples: list[Example], enc, cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward, correct) per completion (examples: one per row): the task reward (task_rewards),
+    plus DAPO's overlong penalty with L_max = cfg.max_new_tokens when cfg.overlong_buffer > 0."""
+    texts = [enc.decode(c) for c in rollouts.completions]
+    reward, correct = task_rewards(examples, texts, cfg.mode == "think", cfg.reward, cfg.format_weight)
+    if cfg.overlong_buffer:
+        reward = reward + overlong_penalty(rollouts.lengths.cpu(), cfg.max_new_tokens, cfg.overlong_buffer)
+    return reward, correct
+
+
+def rollout_stats(rollouts: Rollouts, reward: torch.Tensor, correct: torch.Tensor,
+                  cfg: RLConfig) -> dict[str, float]:
+    """The per-step numbers the playbook watches: mean reward, accuracy, completion length, the share
+    of completions in the overlong zone (longer than L_max - L_cache; with no buffer, those cut at
+    L_max), and the share of groups whose rewards were all equal (no learning signal)."""
+    lengths = rollouts.lengths.float()
+    groups = reward.view(-1, rollouts.group_size)
+    overlong = lengths > cfg.max_new_tokens - cfg.overlong_buffer if cfg.overlong_buffer else rollouts.truncated
+    return {"reward": reward.mean().item(), "accuracy": correct.mean().item(), "length": lengths.mean().item(),
+            "overlong": overlong.float().mean().item(), "truncated": rollouts.truncated.float().mean().item(),
+            "flat_groups": (groups == groups[:, :1]).all(dim=1).float().mean().item()}
+
+
+SUMMARY = ("reward", "accuracy", "length", "overlong")  # the numbers a report compares
+
+
+def held_out_eval(model, enc, examples: list[Example], cfg: RLConfig, end_id: int, pad_id: int) -> dict[str, float]:
+    """Greedy answers to held-out questions, in the trained mode, scored as in training: reward,
+    accuracy, length, overlong share. Deterministic, unlike the sampled numbers of each step."""
+    prompts = [prompt_ids(enc, ex, cfg.mode == "think") for ex in examples]
+    rollouts = sample_groups(model, prompts, 1, 0.0, cfg.max_new_tokens, end_id, pad_id)
+    stats = rollout_stats(rollouts, *score(rollouts, examples, enc, cfg), cfg)
+    return {key: stats[key] for key in SUMMARY}
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The run and its report
+# --------------------------------------------------------------------------------------------
+
+
+def rl_train(cfg: RLConfig, log=functools.partial(print, flush=True)) -> dict:
+    """Run GRPO as configured and return the report (also written to <run>/report.json)."""
+    check_config(cfg)
+    model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python sft.py")
+    tasks = tuple(cfg.tasks.split(","))
+    eval_set = held_out_examples(cfg.eval_examples)
+    eval_trained = [ex for ex in eval_set if ex.task in tasks]
+    # fresh questions (seed + 3: neither sft.py's nor dpo.py's stream), none of the held-out ones
+    questions = make_examples(cfg.prompts, seed=cfg.seed + 3, tasks=tasks, exclude={e.question for e in eval_set})
+    prompts = [prompt_ids(enc, ex, cfg.mode == "think") for ex in questions]
+    end_id = enc.encode("<|im_end|>", allowed_special="all")[0]
+    pad_id = enc.encode("<|endoftext|>", allowed_special="all")[0]
+    longest = max(len(p) for p in prompts + [prompt_ids(enc, ex, cfg.mode == "think") for ex in eval_trained])
+    if longest + cfg.max_new_tokens > model.cfg.max_seq_len:
+        raise SystemExit(f"error: prompts of up to {longest} tokens + --max-new-tokens {cfg.max_new_tokens} exceed "
+                         f"the model's max_seq_len {model.cfg.max_seq_len}")
+    log(f"GRPO on {len(questions):,} {cfg.tasks} questions ({cfg.mode}, {cfg.reward} reward): "
+        f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, {cfg.steps} steps; overlong penalty "
+        + (f"from {cfg.max_new_tokens - cfg.overlong_buffer} to {cfg.max_new_tokens} tokens"
+           if cfg.overlong_buffer else "off"))
+    before = accuracy(model, enc, eval_set, cfg.eval_max_new_tokens)
+    held_out_before = held_out_eval(model, enc, eval_trained, cfg, end_id, pad_id)
+
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta else None
+    # constant LR (DAPO: 1e-6 after a 20-step warmup); no weight decay, as in dpo.py
+    ocfg = OptimConfig(lr=cfg.lr, min_lr=0.0, warmup_steps=cfg.warmup_steps, schedule="constant",
+                       weight_decay=0.0)
+    optimizer = build_optimizer(model, ocfg)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    history, t0 = [], time.time()
+    for step in range(1, cfg.steps + 1):
+        lr = lr_at(step - 1, ocfg, cfg.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = (step - 1) * cfg.prompts_per_step
+        picked = [(start + i) % len(questions) for i in range(cfg.prompts_per_step)]
+        rollouts = sample_groups(model, [prompts[i] for i in picked], cfg.group_size, cfg.temperature,
+                                 cfg.max_new_tokens, end_id, pad_id, gen)
+        reward, correct = score(rollouts, [questions[i] for i in picked for _ in range(cfg.group_size)], enc, cfg)
+        advantages = group_advantages(reward, cfg.group_size, cfg.scale_by_std)
+        update = policy_update(model, optimizer, rollouts, advantages, cfg, ref)
+        history.append({"step": step, **rollout_stats(rollouts, reward, correct, cfg), **update, "lr": lr,
+                        "seconds": time.time() - t0})
+        metrics_file.write(json.dumps(history[-1]) + "\n")
+        metrics_file.flush()
+        r = history[-1]
+        log(f"step {step:4d}/{cfg.steps} | reward {r['reward']:+.3f} | acc {r['accuracy']:6.1%} | length "
+            f"{r['length']:5.1f} | overlong {r['overlong']:5.1%} | flat groups {r['flat_groups']:4.0%} | "
+            f"clip {r['clip_fraction']:.3f} | {r['seconds']:.0f}s")
+    seconds = time.time() - t0
+    metrics_file.close()
+    window = max(1, min(10, cfg.steps // 4))
+    report = {"mode": cfg.mode, "tasks": cfg.tasks, "reward_kind": cfg.reward, "steps": cfg.steps,
+              "seconds": seconds, "window": window,
+              "sampled_first": {key: mean_of(history[:window], key) for key in SUMMARY},
+              "sampled_last": {key: mean_of(history[-window:], key) for key in SUMMARY},
+              "held_out_before": held_out_before,
+              "held_out_after": held_out_eval(model, enc, eval_trained, cfg, end_id, pad_id),
+              "accuracy_before": before, "accuracy_after": accuracy(model, enc, eval_set, cfg.eval_max_new_tokens)}
+    save_model(model, data_cfg, run_dir / f"ckpt_{cfg.steps:07d}.pt",
+               {"step": cfg.steps, "rl": dataclasses.asdict(cfg)})
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    log(format_report(report))
+    return report
+
+
+def format_report(r: dict) -> str:
+    def line(label: str, a: dict, b: dict) -> str:
+        return (f"{label:34s} reward {a['reward']:+.3f} -> {b['reward']:+.3f} | accuracy {a['accuracy']:5.1%} -> "
+                f"{b['accuracy']:5.1%} | length {a['length']:4.1f} -> {b['length']:4.1f} | overlong "
+                f"{a['overlong']:4.1%} -> {b['overlong']:4.1%}")
+
+    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"])
+    lines.append(f"GRPO on {r['tasks']} ({r['mode']}, {r['reward_kind']} reward), {r['steps']} steps in "
+                 f"{r['seconds']:.0f}s:")
+    lines.append(line("  held-out, greedy, before -> after", r["held_out_before"], r["held_out_after"]))
+    lines.append(line(f"  sampled, first {r['window']} -> last {r['window']} steps", r["sampled_first"],
+                      r["sampled_last"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rl_train(parse_args(sys.argv[1:], RLConfig, check_config))
