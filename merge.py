@@ -154,7 +154,8 @@ def score(model, enc, data_cfg, chat: bool, eval_examples: int, eval_batches: in
         for i in range(0, len(ids), 16):  # mean over assistant tokens, whatever the batch split
             y = targets[i:i + 16].to(device)
             n = int((y != -100).sum())
-            total, count = total + model(ids[i:i + 16].to(device), y)[0].item() * n, count + n
+            ce = model(ids[i:i + 16].to(device), y)[1]["ce"]  # the cross-entropy alone, no z-loss
+            total, count = total + ce.item() * n, count + n
         result["chat_loss"] = total / count
         result["accuracy"] = sft.accuracy(model, enc, examples, max_new_tokens)
     return result

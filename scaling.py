@@ -197,7 +197,9 @@ def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, *, world: 
     """Bytes one rank holds during a training step, by part, and the peak.
 
     Mixed precision as train.py runs it on GPU: fp32 master weights (4 B/param), fp32 gradients (4),
-    AdamW's two fp32 moments (8; Muon keeps one: optimizer_states=1) = 16 B/param; FSDP2 shards all
+    AdamW's two fp32 moments (8; Muon keeps one for the blocks' matrices: optimizer_states=1 counts
+    every parameter so, 4 B short for each one AdamW still handles: embeddings, norms, router) = 16
+    B/param; FSDP2 shards all
     three over `world` ranks. The bf16 copies of the weights that the matmuls read are 2 B/param
     more (the playbook's "16-20 bytes/param"): autocast casts every block weight and autograd keeps
     the copy until backward; FSDP2 all-gathers bf16 blocks one at a time (counted: the root's

@@ -69,8 +69,8 @@ class TrainConfig:
     threads: int = 0                 # CPU threads per process; 0 = cores / processes
     parallelism: str = "ddp"         # ddp (replicated weights) | fsdp (FSDP2: sharded weights, grads, optimizer)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
-    spike_sigma: float = 0.0         # skip the update of a step whose loss or grad norm is this many standard
-    spike_window: int = 128          # deviations above the mean of the last spike_window steps (OLMo-core: 6, 128); 0 = off
+    spike_sigma: float = 0.0         # skip the update of a step whose loss or grad norm is this many std above
+    spike_window: int = 128          # the mean of the last spike_window steps (OLMo-core: 6 and 128); sigma 0 = off
     eval_tasks: tuple[str, ...] = ()  # eval.py tasks scored every eval_interval steps (eval/<task>/<metric>)
     eval_task_items: int = 100       # a seeded sample of this many items per task
 
@@ -318,19 +318,22 @@ class SpikeSkipper:
     The playbook's loss spikes often come from a bad batch: PaLM restarted ~100 steps before each
     spike and skipped 200-500 batches. OLMo-core's SkipStepOptimizer does it online, and so does
     this: a step whose loss or gradient norm is more than `sigma` standard deviations above the
-    mean of the last `window` steps takes no update (its batch is used up, the schedule moves on).
-    A non-finite loss or norm is always skipped. Skipped values stay out of the history, so a spike
-    cannot widen the band that judges the next step. The loss is averaged over ranks and the norm
-    is global, so every rank decides the same and the replicas never diverge."""
+    mean of the last `window` steps takes no optimizer update (its batch is used up, the schedule
+    moves on; an MoE router's load-balancing bias still updates). A non-finite loss or norm is always
+    skipped. Skipped values stay out of the history, so a spike cannot widen the band that judges
+    the next step; but a quarter window of finite outliers in a row is a new level, not a spike
+    (a new data stage, a re-warmed lr): that step is taken and the history restarts from it, so
+    training never stalls. The loss is averaged over ranks and the norm is global, so every rank
+    decides the same and the replicas never diverge."""
 
     def __init__(self, sigma: float, window: int):
         self.sigma, self.window = sigma, window
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
-        self.skipped = 0
+        self.skipped = self.in_a_row = self.level_shifts = 0
 
     def check(self, loss: float, grad_norm: float) -> str:
         """'' to take the step, else why it is skipped (the step is then counted in `skipped`)."""
-        why = ""
+        why, finite = "", math.isfinite(loss) and math.isfinite(grad_norm)
         for name, value in (("loss", loss), ("grad_norm", grad_norm)):
             past = self.history[name]
             if not math.isfinite(value):
@@ -341,18 +344,26 @@ class SpikeSkipper:
                 if value > mean + self.sigma * std:
                     why = why or (f"{name} {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} std above the "
                                   f"mean {mean:.4g} of the last {len(past)} steps")
+        if why and finite and self.in_a_row + 1 >= self.window // 4:
+            self.history = {"loss": [], "grad_norm": []}  # a new level: judge from here on
+            self.level_shifts += 1
+            why = ""
         if why:
             self.skipped += 1
+            self.in_a_row += 1
             return why
+        self.in_a_row = 0
         for name, value in (("loss", loss), ("grad_norm", grad_norm)):
             self.history[name] = (self.history[name] + [value])[-self.window:]
         return ""
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "skipped": self.skipped}
+        return {"history": self.history, "skipped": self.skipped, "in_a_row": self.in_a_row,
+                "level_shifts": self.level_shifts}
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.skipped = state["history"], state["skipped"]
+        self.in_a_row, self.level_shifts = state["in_a_row"], state["level_shifts"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +452,8 @@ def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
     now = config_dict(cfg)
     fixed = [("model", k) for k in saved["model"] if k not in RESUMABLE_MODEL_CHANGES]
     fixed += [("data", k) for k in FIXED_DATA_KEYS if k in saved.get("data", {})]
-    fixed += [("optim", "name")] if "name" in saved.get("optim", {}) else []  # AdamW and Muon keep other states
+    saved.setdefault("optim", {}).setdefault("name", "adamw")  # written before Muon existed
+    fixed += [("optim", "name")]  # AdamW and Muon keep other states
     for section, k in fixed:
         v = saved[section][k]
         if now[section].get(k) != v:
@@ -624,13 +636,14 @@ def train(cfg: dict) -> dict:
         restore_weights(ckpts[-1], saved, model, optimizer)
         for group, setting in zip(optimizer.param_groups, settings):
             group.update(setting)
-        if loader.load_state_dict(saved["loader"]):
+        new_stage = loader.load_state_dict(saved["loader"])
+        if new_stage:
             log(f"data.weights differ from the checkpoint's: a new mixture stage starts at sample {loader.samples:,}")
         if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
             log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
                 f"each source continues at the same position of its new window order")
         start_step, tokens = saved["step"], saved["tokens"]
-        if spikes and saved.get("spikes"):
+        if spikes and saved.get("spikes") and not new_stage:  # a new mixture has losses of its own
             spikes.load_state_dict(saved["spikes"])
         if len(saved["rng"]) == world:
             set_rng_state(saved["rng"][rank])
@@ -675,7 +688,7 @@ def train(cfg: dict) -> dict:
             f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}")
     if ocfg.lr_base_batch:
         log(f"lr scaled by sqrt(batch / {ocfg.lr_base_batch}): x{sqrt_lr_scale(global_batch, ocfg.lr_base_batch):.3f} "
-            f"at the full batch")
+            f"at the full batch" + (" (Adam's rule, applied to Muon's groups too)" if ocfg.name == "muon" else ""))
 
     def run_task_evals(step: int):
         if task_evals:
@@ -724,7 +737,11 @@ def train(cfg: dict) -> dict:
                                                        ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
                 grad_norm = grad_norm.full_tensor()
+            shifts = spikes.level_shifts if spikes else 0
             skip = spikes.check(all_reduce_mean(parts_sum["loss"], device), float(grad_norm)) if spikes else ""
+            if spikes and spikes.level_shifts > shifts:
+                log(f"step {step + 1:>6} | {tcfg.spike_window // 4} steps in a row above the spike band: a new "
+                    f"level, not a spike; update taken, spike history restarted")
             if skip:
                 log(f"step {step + 1:>6} | update skipped: {skip}")
             else:

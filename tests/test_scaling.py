@@ -44,6 +44,10 @@ def test_chinchilla_fit_recovers_planted_law_despite_an_outlier():
 def test_chinchilla_optimum_is_on_the_budget_and_lowest_there(compute):
     n, d = chinchilla_optimal(compute, **CHINCHILLA)
     assert 6 * n * d == pytest.approx(compute, rel=1e-12)
+    # the closed form equals a brute-force search along the budget curve
+    grid = n * np.logspace(-1, 1, 40001)
+    searched = grid[np.argmin(chinchilla_loss(grid, compute / (6 * grid)))]
+    assert searched == pytest.approx(n, rel=2e-4)
     best = chinchilla_loss(n, d)
     for factor in (0.8, 0.95, 1.05, 1.25):  # neighbours on the same C = 6ND curve
         assert chinchilla_loss(n * factor, d / factor) > best

@@ -444,6 +444,13 @@ def test_muon_run_lowers_the_loss_and_resumes_exactly(small_data, tmp_path):
     # the optimizer's state cannot change kind on resume
     with pytest.raises(ConfigError, match="optim.name is 'muon' in the checkpoint but 'adamw' now"):
         run(small_data, tmp_path, "split", **{"train.resume": True, "train.max_steps": 8})
+    # a checkpoint written before optim.name existed holds AdamW state: resuming it as Muon is refused too
+    ckpt = checkpoint_paths(tmp_path / "adamw")[-1]
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["config"]["optim"]["name"]
+    torch.save(saved, ckpt)
+    with pytest.raises(ConfigError, match="optim.name is 'adamw' in the checkpoint but 'muon' now"):
+        run(small_data, tmp_path, "adamw", **{"optim.name": "muon", "train.resume": True, "train.max_steps": 8})
 
 
 def test_bad_optimizer_and_ramp_settings_stop_with_one_line(small_data, tmp_path):
@@ -525,6 +532,13 @@ def test_spike_skipper_flags_a_planted_outlier_and_nothing_else():
     assert skipper.skipped == 1 and 4.0 not in skipper.history["grad_norm"]  # kept out of the history
     assert len(skipper.history["loss"]) == 64
     assert "loss is nan" in skipper.check(float("nan"), 1.0) and "inf" in skipper.check(3.0, float("inf"))
+    # a lasting rise is a new level, not a spike: a quarter window is skipped, then training goes on
+    shifted = SpikeSkipper(sigma=6.0, window=64)
+    for i in range(200):
+        shifted.check(3.0 + rng.gauss(0, 0.03), 1.0 + rng.gauss(0, 0.1))
+    after = [shifted.check(3.4 + rng.gauss(0, 0.03), 1.0 + rng.gauss(0, 0.1)) for _ in range(300)]
+    assert [bool(r) for r in after[:16]] == [True] * 15 + [False] and shifted.level_shifts == 1
+    assert not any(after[16:]) and shifted.skipped == 15
     early = SpikeSkipper(sigma=6.0, window=64)
     assert all(early.check(3.0 + 10 * i, 1.0) == "" for i in range(32))  # no judgement before half a window
     assert early.check(1e6, 1.0) != ""
