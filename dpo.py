@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from optim import OptimConfig, build_optimizer, lr_at
 from sft import (TASKS, Example, accuracy, accuracy_table, chat_segments, check_answer, make_examples, make_rows,
-                 held_out_examples, load_start, parse_args, render_chat, save_model)
+                 generate_completions, held_out_examples, load_start, parse_args, render_chat, save_model)
 
 # --------------------------------------------------------------------------------------------
 # 1. Response log-probabilities
@@ -230,20 +230,14 @@ def build_pairs(model, enc, examples: list[Example], k: int = 4, temperature: fl
     if k < 2:
         raise ValueError(f"need at least 2 samples per prompt to make a pair, got k={k}")
     end = enc.encode("<|im_end|>", allowed_special="all")[0]
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     pairs, counts = [], {"prompts": len(examples), "pairs": 0, "skipped": 0, "samples": 0, "correct": 0}
-    model.eval()
     for ex in examples:
         prompt = prompt_ids(enc, ex, thinking)
-        n = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
-        if n < 1:
+        if len(prompt) >= model.cfg.max_seq_len:
             raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in max_seq_len={model.cfg.max_seq_len}")
-        x = torch.tensor([prompt] * k, device=device)  # k copies of one prompt: no padding
-        out = model.generate(x, n, temperature=temperature, top_k=top_k, eos_id=end, generator=gen)
-        samples = []
-        for row in out[:, len(prompt):].tolist():
-            samples.append(row[:row.index(end) + 1] if end in row else row)  # keep the <|im_end|> it wrote
+        # the k samples keep the <|im_end|> the model wrote
+        samples = generate_completions(model, [prompt], k, temperature, max_new_tokens, end, gen, top_k)
         texts = [enc.decode(s) for s in samples]
         scores = [float(check_answer(ex, t)) for t in texts]
         counts["samples"] += k

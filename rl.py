@@ -42,8 +42,8 @@ import torch
 
 from dpo import mean_of, prompt_ids, token_logps
 from optim import OptimConfig, build_optimizer, lr_at
-from sft import (TASKS, Example, accuracy, accuracy_table, check_answer, follows_mode, held_out_examples,
-                 load_start, make_examples, make_rows, parse_args, save_model, strip_think)
+from sft import (TASKS, Example, accuracy, accuracy_table, check_answer, follows_mode, generate_completions,
+                 held_out_examples, load_start, make_examples, make_rows, parse_args, save_model, strip_think)
 
 # --------------------------------------------------------------------------------------------
 # 1. Rollouts: a group of sampled completions per prompt
@@ -61,40 +61,29 @@ class Rollouts:
     the model never wrote <|im_end|> within the limit."""
     ids: torch.Tensor
     targets: torch.Tensor
-    mask: torch.Tensor
     completions: list[list[int]]
     lengths: torch.Tensor
     truncated: torch.Tensor
     group_size: int
 
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.targets != -100
+
 
 def sample_groups(model, prompts: list[list[int]], group_size: int, temperature: float, max_new_tokens: int,
                   end_id: int, pad_id: int, generator: torch.Generator | None = None,
                   max_rows: int = 256) -> Rollouts:
-    """group_size completions of every prompt, sampled at temperature, each stopping at end_id
-    (<|im_end|>) or after max_new_tokens. model.generate() takes one prompt length per batch, so
-    prompts of equal token length are sampled together, G copies of each, up to max_rows rows."""
+    """group_size completions of every prompt (sft.generate_completions), each stopping at end_id
+    (<|im_end|>) or after max_new_tokens, laid out as Rollouts."""
     device = next(model.parameters()).device
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    completions: list[list[int]] = [[] for _ in range(len(prompts) * group_size)]
-    per_batch = max(1, max_rows // group_size)
-    model.eval()
-    for n, members in by_length.items():
-        for b in range(0, len(members), per_batch):
-            chunk = members[b:b + per_batch]
-            x = torch.tensor([prompts[i] for i in chunk for _ in range(group_size)], device=device)
-            new = model.generate(x, max_new_tokens, temperature=temperature, eos_id=end_id,
-                                 generator=generator)[:, n:].tolist()
-            for j, row in enumerate(new):
-                k = chunk[j // group_size] * group_size + j % group_size
-                completions[k] = row[:row.index(end_id) + 1] if end_id in row else row
+    completions = generate_completions(model, prompts, group_size, temperature, max_new_tokens, end_id, generator,
+                                       max_rows=max_rows)
     conversations = [(prompts[k // group_size] + c, [False] * len(prompts[k // group_size]) + [True] * len(c))
                      for k, c in enumerate(completions)]
     ids, targets, _ = make_rows(conversations, max(len(c) for c, _ in conversations), packing=False, pad_id=pad_id)
-    return Rollouts(ids=ids.to(device), targets=targets.to(device), mask=(targets != -100).to(device),
-                    completions=completions, lengths=torch.tensor([len(c) for c in completions], device=device),
+    return Rollouts(ids=ids.to(device), targets=targets.to(device), completions=completions,
+                    lengths=torch.tensor([len(c) for c in completions], device=device),
                     truncated=torch.tensor([end_id not in c for c in completions], device=device),
                     group_size=group_size)
 

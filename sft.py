@@ -342,29 +342,41 @@ class SFTConfig:
     max_new_tokens: int = 64
 
 
-def generate_answers(model, enc, examples: list[Example], thinking: bool, max_new_tokens: int,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy completions of each question in the given mode, up to <|im_end|>. Prompts of equal
-    token length are generated together (generate() takes one length per batch)."""
-    end = enc.encode("<|im_end|>", allowed_special="all")[0]
+def generate_completions(model, prompts: list[list[int]], k: int, temperature: float, max_new_tokens: int,
+                         end_id: int, generator: torch.Generator | None = None, top_k: int | None = None,
+                         max_rows: int = 256) -> list[list[int]]:
+    """k completions of every prompt (row p * k + j is prompt p's j-th), each ending at its first
+    end_id (<|im_end|>, kept) or after max_new_tokens (capped by the room max_seq_len leaves).
+    temperature 0 is greedy. generate() takes one prompt length per batch, so prompts of equal
+    token length are generated together, k copies of each, up to max_rows rows at a time. Used by
+    the evaluation here, dpo.py's on-policy pairs and rl.py's rollouts."""
     device = next(model.parameters()).device
-    prompts = [enc.encode(render_chat(ex.messages()[:1], thinking=thinking, add_generation_prompt=True),
-                          allowed_special="all") for ex in examples]
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-    out = [""] * len(examples)
+    out: list[list[int]] = [[] for _ in range(len(prompts) * k)]
+    per_batch = max(1, max_rows // k)
     model.eval()
     with torch.no_grad():
         for n, members in by_length.items():
-            for b in range(0, len(members), batch_size):
-                rows = members[b:b + batch_size]
-                ids = torch.tensor([prompts[i] for i in rows], device=device)
-                new = model.generate(ids, min(max_new_tokens, model.cfg.max_seq_len - n), temperature=0.0,
-                                     eos_id=end)[:, n:].tolist()
-                for i, toks in zip(rows, new):
-                    out[i] = enc.decode(toks[:toks.index(end)] if end in toks else toks)
+            for b in range(0, len(members), per_batch):
+                chunk = members[b:b + per_batch]
+                x = torch.tensor([prompts[i] for i in chunk for _ in range(k)], device=device)
+                new = model.generate(x, min(max_new_tokens, model.cfg.max_seq_len - n), temperature=temperature,
+                                     top_k=top_k, eos_id=end_id, generator=generator)[:, n:].tolist()
+                for j, row in enumerate(new):
+                    out[chunk[j // k] * k + j % k] = row[:row.index(end_id) + 1] if end_id in row else row
     return out
+
+
+def generate_answers(model, enc, examples: list[Example], thinking: bool, max_new_tokens: int,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy completions of each question in the given mode, up to <|im_end|> (not included)."""
+    end = enc.encode("<|im_end|>", allowed_special="all")[0]
+    prompts = [enc.encode(render_chat(ex.messages()[:1], thinking=thinking, add_generation_prompt=True),
+                          allowed_special="all") for ex in examples]
+    completions = generate_completions(model, prompts, 1, 0.0, max_new_tokens, end, max_rows=batch_size)
+    return [enc.decode(c[:-1] if c[-1:] == [end] else c) for c in completions]
 
 
 def follows_mode(completion: str, thinking: bool) -> bool:
