@@ -4,12 +4,13 @@
     python benchmarks/bench_train.py --config configs/ablation_1b.toml --vs-hf         # + HF Llama
     python benchmarks/bench_train.py --config configs/ablation_1b.toml --doc-masking   # flex docs vs SDPA causal
 
-One training step = forward, backward and a fused AdamW step on one micro-batch, timed with CUDA
-synchronisation; the figure is the median over --steps steps after --warmup steps (compilation
-happens in the warm-up). MFU uses model.flops_per_token (6N + 12 L h T, PaLM's definition) over
-the GPU's dense bf16 peak (989 TFLOP/s on H100/H200). Each variant runs in the same process, one
-after the other, with memory released in between. Results go to stdout as a table and to --out
-as JSON.
+One training step = forward and backward on --grad-accum micro-batches (default 1) and a fused
+AdamW step, timed with CUDA synchronisation (a real run of configs/ablation_1b.toml accumulates
+12-92 micro-batches per step, so its optimizer costs less per token than at --grad-accum 1); the
+figure is the median over --steps steps after --warmup steps (compilation happens in the
+warm-up). MFU uses model.flops_per_token (6N + 12 L h T, PaLM's definition) over the GPU's dense
+bf16 peak (989 TFLOP/s on H100/H200). Each variant runs in the same process, one after the other,
+with memory released in between. Results go to stdout as a table and to --out as JSON.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def time_steps(step_fn, steps: int, warmup: int) -> list[float]:
 
 def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc_ids, compiled: bool,
                activation_checkpointing: bool = False, profile_dir: Path | None = None,
-               compile_mode: str | None = None, compile_per_block: bool = False) -> dict:
+               compile_mode: str | None = None, compile_per_block: bool = False, grad_accum: int = 1) -> dict:
     mcfg = cfg["model"]
     torch._dynamo.reset()  # SDPA's kernel is chosen at trace time: no graph reuse across variants
     # "sdpa-<kernel>" pins SDPA to one kernel (cudnn, flash, efficient) by disabling the others;
@@ -103,9 +104,10 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
         doc = doc_ids.cuda() if doc_ids is not None else None
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = fwd(x[:, :-1], x[:, 1:], doc)
-            loss.backward()
+            for _ in range(grad_accum):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss, _ = fwd(x[:, :-1], x[:, 1:], doc)
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -113,7 +115,7 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
         times = time_steps(step, steps, warmup)
         if profile_dir is not None:
             profile_top_kernels(step, profile_dir / f"profile_{backend}.txt")
-        result = summarize(times, batch * T, flops_per_token(mcfg, T))
+        result = summarize(times, grad_accum * batch * T, flops_per_token(mcfg, T))
     finally:
         if fa3:
             restore_flash_attention_impl()
@@ -160,7 +162,7 @@ def _all_gather(values: list[float]) -> list[list[float]]:
     return out
 
 
-def bench_hf(cfg: dict, batch: int, steps: int, warmup: int, compile_model: bool) -> dict:
+def bench_hf(cfg: dict, batch: int, steps: int, warmup: int, compile_model: bool, grad_accum: int = 1) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     m = cfg["model"]
     torch._dynamo.reset()
@@ -182,15 +184,16 @@ def bench_hf(cfg: dict, batch: int, steps: int, warmup: int, compile_model: bool
     x = torch.randint(0, m.vocab_size, (batch, T), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        for _ in range(grad_accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, steps, warmup)
-    result = summarize(times, batch * T, flops_per_token(m, T))
+    result = summarize(times, grad_accum * batch * T, flops_per_token(m, T))
     del model, opt
     return result
 
@@ -234,6 +237,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (not with --fsdp)")
     p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the config's)")
     p.add_argument("--backends", default="sdpa",
                    help="comma-separated attention back ends for our model: sdpa, sdpa-cudnn, sdpa-flash, "
@@ -253,6 +257,8 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
+    if args.grad_accum < 1 or (args.fsdp and args.grad_accum != 1):
+        raise SystemExit(f"--grad-accum {args.grad_accum}: give a count >= 1 (and leave it at 1 with --fsdp)")
     if args.fsdp:
         import os
         import torch.distributed as dist
@@ -264,7 +270,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "config": args.config, "micro_batch": args.micro_batch, "seq_len": cfg["train"].seq_len,
-            "n_layers": cfg["model"].n_layers}
+            "n_layers": cfg["model"].n_layers, "grad_accum": args.grad_accum}
     results: dict[str, dict] = {}
 
     def run(name, fn, *a, **kw):
@@ -296,14 +302,15 @@ def main() -> None:
         return
     for backend in args.backends.split(","):
         run(f"ours[{backend}]", bench_ours, args.micro_batch, args.steps, args.warmup, backend, None, compiled,
-            args.activation_checkpointing, prof, args.compile_mode, args.compile_per_block)
+            args.activation_checkpointing, prof, args.compile_mode, args.compile_per_block, args.grad_accum)
     if args.doc_masking:
         doc = corpus_doc_ids(args.micro_batch, cfg["train"].seq_len)
         meta["docs_per_window"] = float((doc[:, -1] + 1).float().mean())
         run("ours[flex, doc mask]", bench_ours, args.micro_batch, args.steps, args.warmup, "flex", doc, compiled,
-            args.activation_checkpointing, None, args.compile_mode, args.compile_per_block)
+            args.activation_checkpointing, None, args.compile_mode, args.compile_per_block, args.grad_accum)
     if args.vs_hf:
-        run("hf[llama, compiled]", bench_hf, args.micro_batch, args.steps, args.warmup, not args.no_compile)
+        run("hf[llama, compiled]", bench_hf, args.micro_batch, args.steps, args.warmup, not args.no_compile,
+            args.grad_accum)
         ours = [v["tok_per_s"] for k, v in results.items() if k.startswith("ours[") and "doc" not in k and "error" not in v]
         if ours and "error" not in results["hf[llama, compiled]"]:
             meta["speedup_vs_hf"] = max(ours) / results["hf[llama, compiled]"]["tok_per_s"]

@@ -6,7 +6,8 @@
 #     that trains, checkpoints, and resumes
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
-rm -rf "$out/runs"   # a rerun must not report (or refuse to overwrite) an earlier run
+runs=${RUNS:-$out/runs}   # RUNS=/tmp/runs keeps the checkpoints out of $OUT (only logs and metrics come back)
+rm -rf "$runs"   # a rerun must not report (or refuse to overwrite) an earlier run
 rc=0                 # any failed part makes the script exit 1 at the end
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 layers=${LAYERS:-16}
@@ -23,16 +24,16 @@ common=(--model.vocab_size=8192 --model.d_model=512 --model.n_layers=8 --model.n
         --model.d_ff=1536 --model.max_seq_len=1024 --model.attn_backend=flex --train.seq_len=1024
         --train.micro_batch_size=8 --train.max_steps=50 --train.eval_interval=25 --train.ckpt_interval=50
         --train.log_interval=1 --train.sample_tokens=0 --train.parallelism=fsdp --optim.warmup_steps=10
-        --optim.lr=1e-3 --optim.min_lr=1e-4 --train.out_dir="$out/runs")
+        --optim.lr=1e-3 --optim.min_lr=1e-4 --train.out_dir="$runs")
 CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node=1 train.py "${common[@]}" --train.name=fsdp1 \
   --train.grad_accum_steps=2 > "$out/fsdp1.log" 2>&1 || { rc=1; tail -20 "$out/fsdp1.log"; }
 torchrun --standalone --nproc_per_node=2 train.py "${common[@]}" --train.name=fsdp2 > "$out/fsdp2.log" 2>&1 \
   || { rc=1; tail -20 "$out/fsdp2.log"; }
-python3 - "$out" <<'PY' || rc=1
+python3 - "$out" "$runs" <<'PY' || rc=1
 import json, sys
-out = sys.argv[1]
+out, runs = sys.argv[1:]
 def curve(name, key="loss"):
-    rows = [json.loads(l) for l in open(f"{out}/runs/{name}/metrics.jsonl")]
+    rows = [json.loads(l) for l in open(f"{runs}/{name}/metrics.jsonl")]
     return {r["step"]: r[key] for r in rows if key in r}
 a, b = curve("fsdp1"), curve("fsdp2")
 diffs = {s: abs(a[s] - b[s]) for s in a if s in b}
@@ -62,6 +63,7 @@ stage=a both_nodes --train.max_steps=20
 if [ $rc -eq 0 ]; then stage=b both_nodes --train.max_steps=30 --train.resume; fi
 # c10d may make either agent rank 0: its log holds the step lines
 grep -hE "^step +(10|20|30) |saved|error|Error" "$out"/twonode_*.log | head -20
-ls "$out/runs/twonode"
+ls "$runs/twonode"
+for name in fsdp1 fsdp2 twonode; do cp "$runs/$name/metrics.jsonl" "$out/${name}_metrics.jsonl" 2>/dev/null; done
 echo "== exit $rc"
 exit $rc

@@ -278,11 +278,12 @@ def sft_run(small_data, tmp_path):
     return run
 
 
-@pytest.mark.parametrize("loss", ["dpo", "apo_zero", "orpo"])
-def test_preference_train_learns_the_preference(sft_run, tmp_path, loss):
+@pytest.mark.parametrize("loss,device", [("dpo", "cpu"), ("apo_zero", "cpu"), ("orpo", "cpu"),
+                                         pytest.param("apo_zero", "cuda", marks=pytest.mark.gpu)])
+def test_preference_train_learns_the_preference(sft_run, tmp_path, loss, device):
     cfg = dpo.DPOConfig(init=str(sft_run), out_dir=str(tmp_path), name=f"dpo-{loss}", loss=loss, data="off_policy",
                         prompts=16, pairs_per_step=4, epochs=5, lr=3e-3, warmup_steps=2, eval_examples=1,
-                        max_new_tokens=4, device="cpu")
+                        max_new_tokens=4, device=device)
     report = dpo.preference_train(cfg, log=lambda *a: None)
     rows = [json.loads(line) for line in (tmp_path / cfg.name / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == report["steps"] == 20

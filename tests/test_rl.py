@@ -38,27 +38,29 @@ def contains_digit(completion: list[int], digit: int, max_new_tokens: int) -> fl
 
 
 def toy_grpo(reward_fn, steps: int = 30, seed: int = 0, shuffle_advantages: bool = False, overlong_buffer: int = 0,
-             max_new_tokens: int = 6, prompts: int = 8, group_size: int = 8, lr: float = 3e-2) -> list[dict]:
+             max_new_tokens: int = 6, prompts: int = 8, group_size: int = 8, lr: float = 3e-2,
+             device: str = "cpu") -> list[dict]:
     """GRPO on the toy task with rl.py's pieces; per step the mean reward and completion length."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these matrices are tiny: threads cost more than they give
     try:
-        model = toy_model(seed)
+        model = toy_model(seed).to(device)
         cfg = rl.RLConfig(group_size=group_size, max_new_tokens=max_new_tokens, overlong_buffer=overlong_buffer)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device).manual_seed(seed)
         history = []
         for _ in range(steps):
-            digits = torch.randint(DIGITS.start, DIGITS.stop, (prompts,), generator=gen).tolist()
+            digits = torch.randint(DIGITS.start, DIGITS.stop, (prompts,), generator=gen, device=device).tolist()
             rollouts = rl.sample_groups(model, [[BOS, d] for d in digits], group_size, cfg.temperature,
                                         max_new_tokens, END, PAD, gen)
             named = [d for d in digits for _ in range(group_size)]
-            reward = torch.tensor([reward_fn(c, d, max_new_tokens) for c, d in zip(rollouts.completions, named)])
+            reward = torch.tensor([reward_fn(c, d, max_new_tokens) for c, d in zip(rollouts.completions, named)],
+                                  device=device)
             if overlong_buffer:
                 reward = reward + rl.overlong_penalty(rollouts.lengths, max_new_tokens, overlong_buffer)
             advantages = rl.group_advantages(reward, group_size)
             if shuffle_advantages:  # the control: the same updates, advantages unrelated to the reward
-                advantages = advantages[torch.randperm(len(advantages), generator=gen)]
+                advantages = advantages[torch.randperm(len(advantages), generator=gen, device=device)]
             rl.policy_update(model, optimizer, rollouts, advantages, cfg)
             history.append({"reward": reward.mean().item(), "length": rollouts.lengths.float().mean().item()})
         return history
@@ -275,9 +277,10 @@ def test_partial_credit_counts_answer_words_in_place_and_is_1_only_when_exact():
 
 # ---- 5. the proof: GRPO raises a verifiable reward; the overlong penalty holds length down -----------
 
-def test_grpo_raises_a_verifiable_reward_and_shuffled_advantages_do_not():
-    trained = toy_grpo(share_of_digit)
-    control = toy_grpo(share_of_digit, shuffle_advantages=True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grpo_raises_a_verifiable_reward_and_shuffled_advantages_do_not(device):
+    trained = toy_grpo(share_of_digit, device=device)
+    control = toy_grpo(share_of_digit, shuffle_advantages=True, device=device)
     # a random 16-token policy names the digit 1/16 of the time (reward ~0.06)
     assert window_mean(trained, "reward", first=True) < 0.2
     assert window_mean(trained, "reward", first=False) > window_mean(trained, "reward", first=True) + 0.25
@@ -335,7 +338,8 @@ def test_missing_init_folder_says_to_run_sft_first(tmp_path):
         rl.rl_train(rl.RLConfig(init=str(tmp_path / "no-such-run"), out_dir=str(tmp_path)))
 
 
-def test_rl_train_runs_from_an_sft_folder_and_reports(small_data, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rl_train_runs_from_an_sft_folder_and_reports(small_data, tmp_path, device):
     data_cfg, _ = small_data
     torch.manual_seed(0)
     start = Transformer(ModelConfig(vocab_size=TEST_VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -344,7 +348,7 @@ def test_rl_train_runs_from_an_sft_folder_and_reports(small_data, tmp_path):
     sft.save_model(start, data_cfg, tmp_path / "tiny-sft" / "ckpt_0000000.pt", {"step": 0})
     cfg = rl.RLConfig(init=str(tmp_path / "tiny-sft"), out_dir=str(tmp_path), prompts=4, prompts_per_step=2,
                       group_size=3, steps=2, max_new_tokens=8, overlong_buffer=4, kl_beta=0.1, eval_examples=1,
-                      eval_max_new_tokens=4, device="cpu")
+                      eval_max_new_tokens=4, device=device)
     report = rl.rl_train(cfg, log=lambda *a: None)
     rows = [json.loads(line) for line in (tmp_path / "tiny-rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -195,12 +195,13 @@ def test_lora_starts_as_the_base_trains_only_adapters_and_merges_exactly():
 
 
 @pytest.mark.slow
-def test_finetune_lowers_the_loss_and_writes_a_loadable_model(small_data, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_finetune_lowers_the_loss_and_writes_a_loadable_model(small_data, tmp_path, device):
     from eval import load_model
     from test_train import run
     base = run(small_data, tmp_path, "base", **{"model.max_seq_len": 256})["run_dir"]
     cfg = sft.SFTConfig(init=base, name="sft", out_dir=str(tmp_path), train_examples=120, eval_examples=2,
-                        epochs=2.0, rows_per_step=4, max_new_tokens=8, lr=3e-3)
+                        epochs=2.0, rows_per_step=4, max_new_tokens=8, lr=3e-3, device=device)
     report = sft.finetune(cfg, log=lambda *a: None)
     assert report["final_loss"] < 0.7 * report["first_loss"]
     assert set(report["accuracy_after"]) == {f"{t}/{m}" for t in sft.TASKS + ("format",) for m in ("think", "no_think")}
