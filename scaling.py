@@ -214,7 +214,8 @@ def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, *, world: 
     the 1B shape: compiled, eager, and eager with checkpointing) and the end of backward. Only
     with grad_accum > 1 do gradients live through a forward; set_to_none frees them after each step.
     Under FSDP2 they are then unsharded fp32 (4 N per rank): train.py skips the reduce-scatter on
-    all but the last micro-batch. DDP adds its fp32 gradient buckets (4 N) when world > 1.
+    all but the last micro-batch. DDP's all-reduce buckets add nothing: train.py makes the gradients
+    views into them (gradient_as_bucket_view).
     Counts a dense GQA block (MoE, MLA and linear-attention layers keep other tensors)."""
     if micro_batch < 1 or seq_len < 1 or world < 1 or grad_accum < 1:
         raise ValueError("micro_batch, seq_len, world and grad_accum must be >= 1")
@@ -234,7 +235,6 @@ def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, *, world: 
         "weights (fp32)": 4 * n / shard,
         "gradients (fp32)": 4 * n / (1 if parallelism == "fsdp" and grad_accum > 1 else shard),
         "optimizer states (fp32)": 4 * optimizer_states * n / shard,
-        "DDP gradient buckets (fp32)": 4 * n if parallelism == "ddp" and world > 1 else 0.0,
     }
     step = {
         "bf16 weight copies": copies,

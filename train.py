@@ -616,7 +616,10 @@ def train(cfg: dict) -> dict:
         fully_shard(model, mp_policy=mp)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: .grad tensors are views into DDP's all-reduce buckets, so the
+        # gradients are held once (4N bytes), not once in .grad and again in the buckets
+        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                          gradient_as_bucket_view=True)
     if compiled and not sharded:
         # The whole training forward as one graph (DDP's own graph breaks keep its overlap): the
         # embedding, the final norm and the loss's casts fuse too, 3% faster than block by block at

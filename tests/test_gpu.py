@@ -75,12 +75,14 @@ def test_muon_with_a_batch_ramp_and_spike_skipping_trains_compiled_on_gpu(small_
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_muon_under_fsdp_on_two_gpus_matches_one_gpu(small_data, tmp_path):
-    """Muon's gather-orthogonalise-reshard on NCCL: 2 GPUs with one micro-batch each follow the
-    loss curve of 1 GPU with two (bf16 autocast, so within bf16 noise rather than 1e-5)."""
+@pytest.mark.parametrize("parallelism,optimizer,compiled", [("fsdp", "muon", "false"), ("ddp", "adamw", "true")])
+def test_two_gpus_match_one_gpu(small_data, tmp_path, parallelism, optimizer, compiled):
+    """On NCCL, 2 GPUs with one micro-batch each follow the loss curve of 1 GPU with two (bf16
+    autocast, so within bf16 noise rather than CPU's 1e-5): Muon's gather-orthogonalise-reshard
+    under FSDP2, and the compiled DDP forward with gradients as views into DDP's buckets."""
     from conftest import torchrun
-    common = {"train.device": "cuda", "train.compile": "false", "optim.name": "muon", "train.max_steps": 20,
-              "train.eval_interval": 20, "train.ckpt_interval": 20, "train.parallelism": "fsdp"}
+    common = {"train.device": "cuda", "train.compile": compiled, "optim.name": optimizer, "train.max_steps": 20,
+              "train.eval_interval": 20, "train.ckpt_interval": 20, "train.parallelism": parallelism}
     train(load_config(None, tiny_overrides(small_data[0], tmp_path, "one", **common, **{"train.grad_accum_steps": 2})))
     torchrun(2, tiny_overrides(small_data[0], tmp_path, "two", **common), tmp_path)
     curves = [{r["step"]: r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())

@@ -82,8 +82,7 @@ def test_memory_static_parts_are_16_bytes_per_param_and_fsdp_shards_them():
     fsdp = memory_estimate(ABLATION, 4, 4096, world=8, parallelism="fsdp")
     for k in static:
         assert fsdp[k] == one[k] / 8
-    ddp = memory_estimate(ABLATION, 4, 4096, world=8)
-    assert [ddp[k] for k in static] == [one[k] for k in static] and ddp["DDP gradient buckets (fp32)"] == 4 * n
+    assert memory_estimate(ABLATION, 4, 4096, world=8) == one  # DDP: a full replica, gradients in its buckets
     # accumulating without a reduce-scatter, FSDP2 holds unsharded fp32 gradients
     assert memory_estimate(ABLATION, 4, 4096, world=8, parallelism="fsdp", grad_accum=12)["gradients (fp32)"] == 4 * n
     assert memory_estimate(ABLATION, 4, 4096, optimizer_states=1)["optimizer states (fp32)"] == 4 * n  # Muon
