@@ -193,7 +193,8 @@ def block_activation_bytes(cfg: ModelConfig, compiled: bool = True) -> float:
 
 def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, *, world: int = 1,
                     parallelism: str = "ddp", grad_accum: int = 1, checkpointing: bool = False,
-                    compiled: bool = True, optimizer_states: int = 2) -> dict[str, float]:
+                    compiled: bool = True, optimizer_states: int = 2,
+                    reduce_every_micro_batch: bool = False) -> dict[str, float]:
     """Bytes one rank holds during a training step, by part, and the peak.
 
     Mixed precision as train.py runs it on GPU: fp32 master weights (4 B/param), fp32 gradients (4),
@@ -214,7 +215,8 @@ def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, *, world: 
     the 1B shape: compiled, eager, and eager with checkpointing) and the end of backward. Only
     with grad_accum > 1 do gradients live through a forward; set_to_none frees them after each step.
     Under FSDP2 they are then unsharded fp32 (4 N per rank): train.py skips the reduce-scatter on
-    all but the last micro-batch. DDP's all-reduce buckets add nothing: train.py makes the gradients
+    all but the last micro-batch, unless reduce_every_micro_batch (train.reduce_every_micro_batch)
+    keeps them sharded. DDP's all-reduce buckets add nothing: train.py makes the gradients
     views into them (gradient_as_bucket_view).
     Counts a dense GQA block (MoE, MLA and linear-attention layers keep other tensors)."""
     if micro_batch < 1 or seq_len < 1 or world < 1 or grad_accum < 1:
@@ -233,7 +235,7 @@ def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, *, world: 
     norm = (4 * h + 4 if compiled else 8 * h + 4) * tokens
     per_param = {
         "weights (fp32)": 4 * n / shard,
-        "gradients (fp32)": 4 * n / (1 if parallelism == "fsdp" and grad_accum > 1 else shard),
+        "gradients (fp32)": 4 * n / (1 if grad_accum > 1 and not reduce_every_micro_batch else shard),
         "optimizer states (fp32)": 4 * optimizer_states * n / shard,
     }
     step = {

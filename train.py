@@ -69,6 +69,8 @@ class TrainConfig:
     threads: int = 0                 # CPU threads per process; 0 = cores / processes
     parallelism: str = "ddp"         # ddp (replicated weights) | fsdp (FSDP2: sharded weights, grads, optimizer)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    reduce_every_micro_batch: bool = False  # FSDP: reduce-scatter after every micro-batch (sharded gradients,
+                                            # more communication) instead of only the last (unsharded fp32 grads)
     spike_sigma: float = 0.0         # skip the update of a step whose loss or grad norm is this many std above
     spike_window: int = 128          # the mean of the last spike_window steps (OLMo-core: 6 and 128); sigma 0 = off
     eval_tasks: tuple[str, ...] = ()  # eval.py tasks scored every eval_interval steps (eval/<task>/<metric>)
@@ -98,6 +100,9 @@ class TrainConfig:
         if bool(self.batch_ramp_start) != bool(self.batch_ramp_tokens):
             raise ValueError(f"a batch ramp needs both train.batch_ramp_start and train.batch_ramp_tokens, got "
                              f"{self.batch_ramp_start} and {self.batch_ramp_tokens}")
+        if self.reduce_every_micro_batch and self.parallelism != "fsdp":
+            raise ValueError("train.reduce_every_micro_batch applies to train.parallelism=fsdp only (under DDP every "
+                             "rank holds full gradients anyway, so reducing early would only add communication)")
         if self.global_batch_size and self.grad_accum_steps != 1:
             raise ValueError("set train.global_batch_size or train.grad_accum_steps, not both: with a global "
                              "batch size the accumulation follows from the number of processes")
@@ -724,10 +729,12 @@ def train(cfg: dict) -> dict:
                 x, y, doc = (t.to(device, non_blocking=True) for t in (x, y, doc))
                 last = i == len(micro_batches) - 1
                 # Gradients are reduced across ranks on every backward unless told not to: only
-                # the last micro-batch of a step needs to.
+                # the last micro-batch of a step needs to. Under FSDP2 skipping it keeps unsharded
+                # fp32 gradients between micro-batches (4N bytes per rank); reducing every time keeps
+                # them sharded at the price of one reduce-scatter per micro-batch (torchtitan's choice).
                 sync = contextlib.nullcontext()
                 if sharded:
-                    model.set_requires_gradient_sync(last)
+                    model.set_requires_gradient_sync(last or tcfg.reduce_every_micro_batch)
                 elif world > 1 and not last:
                     sync = train_model.no_sync()
                 with sync, autocast:

@@ -85,6 +85,8 @@ def test_memory_static_parts_are_16_bytes_per_param_and_fsdp_shards_them():
     assert memory_estimate(ABLATION, 4, 4096, world=8) == one  # DDP: a full replica, gradients in its buckets
     # accumulating without a reduce-scatter, FSDP2 holds unsharded fp32 gradients
     assert memory_estimate(ABLATION, 4, 4096, world=8, parallelism="fsdp", grad_accum=12)["gradients (fp32)"] == 4 * n
+    assert memory_estimate(ABLATION, 4, 4096, world=8, parallelism="fsdp", grad_accum=12,
+                           reduce_every_micro_batch=True)["gradients (fp32)"] == 4 * n / 8
     assert memory_estimate(ABLATION, 4, 4096, optimizer_states=1)["optimizer states (fp32)"] == 4 * n  # Muon
 
 

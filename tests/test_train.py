@@ -227,9 +227,11 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(small_d
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_match_one_process_and_checkpoints_reshard(small_data, tmp_path):
-    """FSDP2 on 2 gloo ranks gives the one-process loss curve; its sharded checkpoint (written by
-    2 ranks) resumes on 1 rank, and a 1-rank sharded checkpoint resumes on 2, both exactly."""
+def test_fsdp_two_ranks_match_one_process_and_checkpoints_reshard(small_data, tmp_path, monkeypatch):
+    """FSDP2 on 2 gloo ranks gives the one-process loss curve, with or without gradient accumulation
+    and whether gradients are reduced after every micro-batch or only the last; its sharded
+    checkpoint (written by 2 ranks) resumes on 1 rank, and a 1-rank sharded checkpoint resumes on
+    2, both exactly."""
     cfg = small_data[0]
     reference = losses(Path(run(small_data, tmp_path, "ref", **{"train.grad_accum_steps": 2})["run_dir"]))
 
@@ -240,6 +242,27 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoints_reshard(small_data, tm
         assert fsdp[step] == pytest.approx(reference[step], abs=1e-5)
     assert (tmp_path / "fsdp2" / "ckpt_0000006").is_dir()
     assert len(list((tmp_path / "fsdp2" / "ckpt_0000006").glob("*.distcp"))) == 2  # one shard per rank
+    # 2 micro-batches per rank: reducing only after the last one (unsharded gradients in between) and
+    # reduce-scattering after each (train.reduce_every_micro_batch: sharded) give the same steps
+    four = losses(Path(run(small_data, tmp_path, "ref4", **{"train.grad_accum_steps": 4, "train.max_steps": 3})["run_dir"]))
+    for every in (False, True):
+        name = f"accum-every-{every}"
+        torchrun(2, tiny_overrides(cfg, tmp_path, name, **{"train.parallelism": "fsdp", "train.grad_accum_steps": 2,
+                                                          "train.max_steps": 3, "train.reduce_every_micro_batch": every}),
+                 tmp_path)
+        accumulated = losses(tmp_path / name)
+        assert sorted(accumulated) == sorted(four) == [1, 2, 3]
+        for step in four:
+            assert accumulated[step] == pytest.approx(four[step], abs=1e-5), (every, step)
+    # ... and the setting reaches FSDP: per step, [no sync, sync] by default, [sync, sync] when set
+    from torch.distributed.fsdp import FSDPModule
+    calls = []
+    monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync", lambda self, sync, **kw: calls.append(sync))
+    for every in (False, True):
+        calls.clear()
+        run(small_data, tmp_path, f"spy-{every}", **{"train.parallelism": "fsdp", "train.grad_accum_steps": 2,
+                                                    "train.max_steps": 2, "train.reduce_every_micro_batch": every})
+        assert calls == [every, True] * 2
 
     # 2 ranks write at step 3, 1 rank resumes to 6 (grad_accum 2 keeps the global batch)
     torchrun(2, tiny_overrides(cfg, tmp_path, "two2one", **{"train.parallelism": "fsdp", "train.max_steps": 3}), tmp_path)
