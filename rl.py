@@ -4,7 +4,8 @@
     python rl.py                                    # runs/tiny-sft -> runs/tiny-rl: GRPO, no-think mode
     python rl.py --tasks add,sort,reverse --reward exact --name tiny-rl-exact     # the strict verifier
     python rl.py --overlong-buffer 0 --name tiny-rl-no-penalty    # without DAPO's length penalty
-    python rl.py --scale-by-std false --aggregation sequence      # Dr. GRPO advantages, GRPO's averaging
+    python rl.py --dynamic-sampling 2 --name tiny-rl-dyn          # DAPO: resample groups with no signal
+    python rl.py --scale-by-std false --aggregation constant      # Dr. GRPO: unscaled advantages, fixed normaliser
     python rl.py --kl-beta 0.04 --name tiny-rl-kl                 # with a KL penalty to the SFT model
 
 The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verifiable rewards):
@@ -19,7 +20,9 @@ The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verif
    linearly over the last L_cache tokens before the length limit. The playbook's reason: in
    no-think mode RL lengthens answers (length hacking) unless length is penalised.
 5. The loss: PPO's clipped surrogate against the log-probs of the policy that sampled, DAPO's
-   clip-higher (eps_high > eps_low) and token-level averaging, optional k3 KL to the SFT model.
+   clip-higher (eps_high > eps_low) and token-level averaging (or Dr. GRPO's fixed normaliser),
+   optional k3 KL to the SFT model; DAPO's dynamic sampling (train only on groups whose rewards
+   differ, drawing more prompts to fill the batch) and overlong filtering, both optional.
 6. The run and its report: reward, accuracy, completion length and overlong share per step;
    before and after, the same numbers on held-out questions (greedy), and accuracy per task and
    mode (RL in one mode can cost the other: the playbook's "split brain").
@@ -76,9 +79,14 @@ def sample_groups(model, prompts: list[list[int]], group_size: int, temperature:
                   max_rows: int = 256) -> Rollouts:
     """group_size completions of every prompt (sft.generate_completions), each stopping at end_id
     (<|im_end|>) or after max_new_tokens, laid out as Rollouts."""
-    device = next(model.parameters()).device
     completions = generate_completions(model, prompts, group_size, temperature, max_new_tokens, end_id, generator,
                                        max_rows=max_rows)
+    return rollouts_from(prompts, completions, group_size, end_id, pad_id, next(model.parameters()).device)
+
+
+def rollouts_from(prompts: list[list[int]], completions: list[list[int]], group_size: int, end_id: int,
+                  pad_id: int, device) -> Rollouts:
+    """Rollouts of given completions (row p * group_size + j: prompt p's j-th)."""
     conversations = [(prompts[k // group_size] + c, [False] * len(prompts[k // group_size]) + [True] * len(c))
                      for k, c in enumerate(completions)]
     ids, targets, _ = make_rows(conversations, max(len(c) for c, _ in conversations), packing=False, pad_id=pad_id)
@@ -158,15 +166,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     advantages = groups - groups.mean(dim=1, keepdim=True)
     if scale_by_std:
         advantages = advantages / (groups.std(dim=1, keepdim=True) + eps)
-    all_equal = (groups == groups[:, :1]).all(dim=1, keepdim=True)
-    return torch.where(all_equal, 0.0, advantages).view(-1)
+    return torch.where(informative(rewards, group_size)[:, None], advantages, 0.0).view(-1)
+
+
+def informative(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group: True where its rewards are not all equal. A flat group (all right or all wrong)
+    has advantages 0 and teaches nothing; DAPO's dynamic sampling trains on the others only."""
+    groups = rewards.view(-1, group_size)
+    return ~(groups == groups[:, :1]).all(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
 # 4. The clipped surrogate loss, its aggregation, and the KL penalty
 # --------------------------------------------------------------------------------------------
 
-AGGREGATIONS = ("token", "sequence")
+AGGREGATIONS = ("token", "sequence", "constant")
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -180,7 +194,7 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                            mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.28,
                            aggregation: str = "token", ref_logps: torch.Tensor | None = None,
-                           kl_beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                           kl_beta: float = 0.0, max_length: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy loss of a batch of completions (N rows of T positions, mask = completion tokens):
     per token -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = pi / pi_old
     against the log-probs at sampling time (PPO, Schulman et al. 2017), + kl_beta * k3 KL.
@@ -189,9 +203,14 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
     clip stops it, which keeps entropy from collapsing. aggregation "token" averages over all
     completion tokens of the batch (DAPO: every token weighs the same, so a long wrong answer is
     not diluted); "sequence" averages within each completion, then over completions (GRPO: a token
-    of a short completion weighs more). Metrics: clip_fraction (tokens whose clip is active), kl."""
+    of a short completion weighs more); "constant" sums over tokens and divides by N x max_length,
+    the same for every batch (Dr. GRPO, Liu et al. 2025: neither a completion's length nor the
+    batch's token count rescales a token's gradient). Metrics: clip_fraction (tokens whose clip is
+    active), kl."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+    if aggregation == "constant" and max_length < 1:
+        raise ValueError("aggregation 'constant' divides by N x max_length: give max_length >= 1 (the generation limit)")
     ratio = torch.exp(logps - old_logps)
     adv = advantages.unsqueeze(-1)
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
@@ -200,6 +219,8 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
     weight = mask.float()
     if aggregation == "token":
         loss = (per_token * weight).sum() / weight.sum().clamp(min=1)
+    elif aggregation == "constant":
+        loss = (per_token * weight).sum() / (weight.shape[0] * max_length)
     else:
         loss = ((per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1)).mean()
     clipped = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps_low))
@@ -231,12 +252,15 @@ class RLConfig:
     temperature: float = 1.0
     max_new_tokens: int = 32       # also DAPO's L_max
     overlong_buffer: int = 16      # DAPO's L_cache; 0 turns the overlong penalty off
+    overlong_filter: bool = False  # DAPO's overlong filtering: truncated completions carry no loss
     format_weight: float = 0.0     # reward for following the reasoning mode (sft.follows_mode)
     scale_by_std: bool = True      # False: Dr. GRPO advantages (r - mean)
-    aggregation: str = "token"     # "token" (DAPO) or "sequence" (GRPO)
+    aggregation: str = "token"     # "token" (DAPO), "sequence" (GRPO) or "constant" (Dr. GRPO: / (N x max_new_tokens))
     eps_low: float = 0.2
     eps_high: float = 0.28         # DAPO's clip-higher
     kl_beta: float = 0.0           # k3 KL to the SFT model; DAPO and Dr. GRPO drop it
+    dynamic_sampling: int = 0      # DAPO's dynamic sampling: up to this many extra rounds of prompts per step
+                                   # to replace flat groups (0: off, train on every group sampled)
     updates_per_batch: int = 2     # gradient steps per sampled batch; from the 2nd on, the clip acts
     lr: float = 3e-4               # tiny model: 1e-4 barely moves in 50 steps, 1e-3 collapses (DAPO: 1e-6 at 32B)
     warmup_steps: int = 0
@@ -271,8 +295,8 @@ def check_config(cfg: RLConfig) -> None:
                          f"(DAPO: 0.2 and 0.28)")
     if cfg.temperature <= 0 or cfg.lr <= 0:
         raise ValueError(f"--temperature {cfg.temperature} and --lr {cfg.lr} must be > 0")
-    if cfg.kl_beta < 0 or cfg.grad_clip < 0 or cfg.warmup_steps < 0:
-        raise ValueError("--kl-beta, --grad-clip and --warmup-steps must be >= 0")
+    if cfg.kl_beta < 0 or cfg.grad_clip < 0 or cfg.warmup_steps < 0 or cfg.dynamic_sampling < 0:
+        raise ValueError("--kl-beta, --grad-clip, --warmup-steps and --dynamic-sampling must be >= 0")
 
 
 def policy_update(model, optimizer, rollouts: Rollouts, advantages: torch.Tensor, cfg: RLConfig,
@@ -283,23 +307,62 @@ def policy_update(model, optimizer, rollouts: Rollouts, advantages: torch.Tensor
     bounds how far one batch may push. Returns the last step's loss and metrics.
 
     A batch whose advantages are all 0 (every group all right or all wrong) and no KL term has
-    nothing to learn; it is skipped rather than letting Adam's momentum move the weights."""
+    nothing to learn; it is skipped rather than letting Adam's momentum move the weights. With
+    cfg.overlong_filter (DAPO), completions cut at the length limit are left out of the loss: a
+    truncated answer was never finished, so its reward says little about its tokens."""
     if not advantages.any() and not cfg.kl_beta:
         return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "skipped": 1.0}
     with torch.no_grad():
         old = token_logps(model, rollouts.ids, rollouts.targets, cfg.temperature)
         ref_logps = token_logps(ref, rollouts.ids, rollouts.targets, cfg.temperature) if cfg.kl_beta else None
+    mask = rollouts.mask & ~rollouts.truncated[:, None] if cfg.overlong_filter else rollouts.mask
     model.train()
     for _ in range(cfg.updates_per_batch):
         logps = token_logps(model, rollouts.ids, rollouts.targets, cfg.temperature)
-        loss, metrics = clipped_surrogate_loss(logps, old, advantages.to(logps.device), rollouts.mask,
-                                               cfg.eps_low, cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta)
+        loss, metrics = clipped_surrogate_loss(logps, old, advantages.to(logps.device), mask,
+                                               cfg.eps_low, cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta,
+                                               cfg.max_new_tokens)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {"loss": loss.item(), **metrics, "skipped": 0.0}
+
+
+def sample_step(model, enc, cfg: RLConfig, prompts: list[list[int]], questions: list[Example], cursor: int,
+                end_id: int, pad_id: int, generator: torch.Generator | None = None) -> dict:
+    """One step's batch: cfg.prompts_per_step prompts from `cursor` on (cycling), group_size samples
+    each, scored. With cfg.dynamic_sampling = R (DAPO, Yu et al. 2025), flat groups are dropped and
+    up to R more rounds of fresh prompts are drawn until prompts_per_step informative groups are
+    found (fewer if the rounds run out); every group DAPO trains on then has a learning signal.
+
+    Returns rollouts, reward and correct of the batch to train on, `first` (rollouts, reward,
+    correct of the first round: what the policy does on fresh prompts, comparable across runs),
+    the new cursor and the number of rounds drawn."""
+    want, g = cfg.prompts_per_step, cfg.group_size
+    kept_prompts, kept_completions, kept_reward, kept_correct = [], [], [], []
+    first, rounds = None, 0
+    while rounds <= cfg.dynamic_sampling and len(kept_prompts) < want:
+        picked = [(cursor + i) % len(questions) for i in range(want)]
+        cursor, rounds = cursor + want, rounds + 1
+        rollouts = sample_groups(model, [prompts[i] for i in picked], g, cfg.temperature, cfg.max_new_tokens,
+                                 end_id, pad_id, generator)
+        reward, correct = score(rollouts, [questions[i] for i in picked for _ in range(g)], enc, cfg)
+        first = first or (rollouts, reward, correct)
+        keep = informative(reward, g) if cfg.dynamic_sampling else torch.ones(want, dtype=torch.bool)
+        for p in keep.nonzero().flatten().tolist()[:want - len(kept_prompts)]:
+            kept_prompts.append(prompts[picked[p]])
+            kept_completions += rollouts.completions[p * g:(p + 1) * g]
+            kept_reward.append(reward[p * g:(p + 1) * g])
+            kept_correct.append(correct[p * g:(p + 1) * g])
+    if not kept_prompts:  # every group of every round flat: train on the first (policy_update skips it)
+        rollouts, reward, correct = first
+    else:
+        rollouts = rollouts_from(kept_prompts, kept_completions, g, end_id, pad_id, first[0].ids.device)
+        reward, correct = torch.cat(kept_reward), torch.cat(kept_correct)
+    return {"rollouts": rollouts, "reward": reward, "correct": correct, "first": first, "cursor": cursor,
+            "rounds": rounds}
 
 
 def score(rollouts: Rollouts, examples: list[Example], enc, cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,11 +381,10 @@ def rollout_stats(rollouts: Rollouts, reward: torch.Tensor, correct: torch.Tenso
     of completions in the overlong zone (longer than L_max - L_cache; with no buffer, those cut at
     L_max), and the share of groups whose rewards were all equal (no learning signal)."""
     lengths = rollouts.lengths.float()
-    groups = reward.view(-1, rollouts.group_size)
     overlong = lengths > cfg.max_new_tokens - cfg.overlong_buffer if cfg.overlong_buffer else rollouts.truncated
     return {"reward": reward.mean().item(), "accuracy": correct.mean().item(), "length": lengths.mean().item(),
             "overlong": overlong.float().mean().item(), "truncated": rollouts.truncated.float().mean().item(),
-            "flat_groups": (groups == groups[:, :1]).all(dim=1).float().mean().item()}
+            "flat_groups": 1 - informative(reward, rollouts.group_size).float().mean().item()}
 
 
 SUMMARY = ("reward", "accuracy", "length", "overlong")  # the numbers a report compares
@@ -374,26 +436,27 @@ def rl_train(cfg: RLConfig, log=functools.partial(print, flush=True)) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = open(run_dir / "metrics.jsonl", "w")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    history, t0 = [], time.time()
+    history, t0, cursor = [], time.time(), 0
     for step in range(1, cfg.steps + 1):
         lr = lr_at(step - 1, ocfg, cfg.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        start = (step - 1) * cfg.prompts_per_step
-        picked = [(start + i) % len(questions) for i in range(cfg.prompts_per_step)]
-        rollouts = sample_groups(model, [prompts[i] for i in picked], cfg.group_size, cfg.temperature,
-                                 cfg.max_new_tokens, end_id, pad_id, gen)
-        reward, correct = score(rollouts, [questions[i] for i in picked for _ in range(cfg.group_size)], enc, cfg)
-        advantages = group_advantages(reward, cfg.group_size, cfg.scale_by_std)
-        update = policy_update(model, optimizer, rollouts, advantages, cfg, ref)
-        history.append({"step": step, **rollout_stats(rollouts, reward, correct, cfg), **update, "lr": lr,
+        batch = sample_step(model, enc, cfg, prompts, questions, cursor, end_id, pad_id, gen)
+        cursor = batch["cursor"]
+        advantages = group_advantages(batch["reward"], cfg.group_size, cfg.scale_by_std)
+        update = policy_update(model, optimizer, batch["rollouts"], advantages, cfg, ref)
+        dynamic = ({"rounds": batch["rounds"], "kept_groups": int(informative(batch["reward"], cfg.group_size).sum())}
+                   if cfg.dynamic_sampling else {})
+        history.append({"step": step, **rollout_stats(*batch["first"], cfg), **dynamic, **update, "lr": lr,
                         "seconds": time.time() - t0})
         metrics_file.write(json.dumps(history[-1]) + "\n")
         metrics_file.flush()
         r = history[-1]
         log(f"step {step:4d}/{cfg.steps} | reward {r['reward']:+.3f} | acc {r['accuracy']:6.1%} | length "
             f"{r['length']:5.1f} | overlong {r['overlong']:5.1%} | flat groups {r['flat_groups']:4.0%} | "
-            f"clip {r['clip_fraction']:.3f} | {r['seconds']:.0f}s")
+            f"clip {r['clip_fraction']:.3f} | "
+            + (f"kept {r['kept_groups']}/{cfg.prompts_per_step} groups in {r['rounds']} rounds | " if dynamic else "")
+            + f"{r['seconds']:.0f}s")
     seconds = time.time() - t0
     metrics_file.close()
     window = max(1, min(10, cfg.steps // 4))

@@ -75,6 +75,12 @@ def window_mean(history: list[dict], key: str, first: bool, n: int = 5) -> float
 
 # ---- 1. group-relative advantages -----------------------------------------------------------------
 
+def test_informative_groups_are_those_whose_rewards_differ():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.25])
+    assert rl.informative(rewards, 3).tolist() == [False, True, False, True]
+    assert (rl.group_advantages(rewards, 3).view(4, 3).abs().sum(1) > 0).tolist() == [False, True, False, True]
+
+
 def test_advantages_have_mean_0_and_std_1_per_group_and_zero_for_equal_groups():
     g = torch.Generator().manual_seed(0)
     rewards = torch.cat([torch.rand(6, generator=g), torch.full((6,), 0.7), (torch.rand(6, generator=g) > 0.5).float(),
@@ -149,8 +155,10 @@ def test_surrogate_loss_equals_a_hand_computation_with_clipping_on_both_sides():
     # symmetric clipping (eps_high = eps_low, PPO / GRPO) clips row 0's first token at 1.2
     loss, _ = rl.clipped_surrogate_loss(logps, old, adv, mask, 0.2, 0.2, aggregation="token")
     assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0 + 3.0 + 1.6) / 5, rel=1e-9)
-    with pytest.raises(ValueError, match="choose from token, sequence"):
+    with pytest.raises(ValueError, match="choose from token, sequence, constant"):
         rl.clipped_surrogate_loss(logps, old, adv, mask, aggregation="batch")
+    with pytest.raises(ValueError, match="give max_length >= 1"):
+        rl.clipped_surrogate_loss(logps, old, adv, mask, aggregation="constant")
 
 
 def test_token_and_sequence_aggregation_weigh_tokens_as_their_formulas_say():
@@ -160,6 +168,8 @@ def test_token_and_sequence_aggregation_weigh_tokens_as_their_formulas_say():
     sequence, _ = rl.clipped_surrogate_loss(logps, old, adv, mask, aggregation="sequence")
     assert token.item() == pytest.approx((-2.0 * 1 + 1.0 * 3) / 4)  # every token weighs 1/4
     assert sequence.item() == pytest.approx((-2.0 + 1.0) / 2)     # every completion weighs 1/2
+    constant, _ = rl.clipped_surrogate_loss(logps, old, adv, mask, aggregation="constant", max_length=5)
+    assert constant.item() == pytest.approx((-2.0 * 1 + 1.0 * 3) / (2 * 5))  # Dr. GRPO: sum / (N x L_max)
     # with equal lengths the two agree
     logps, old, adv, mask = _batch([[1.3, 0.9], [0.7, 1.1]], [2.0, -1.0])
     token, _ = rl.clipped_surrogate_loss(logps, old, adv, mask, aggregation="token")
@@ -182,10 +192,13 @@ def test_at_ratio_1_the_gradient_is_the_plain_policy_gradient(aggregation):
         loss_fn(rl.token_logps(model, ids, targets)).backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    surrogate = grads(lambda lp: rl.clipped_surrogate_loss(lp, lp.detach(), adv, mask, aggregation=aggregation)[0])
+    surrogate = grads(lambda lp: rl.clipped_surrogate_loss(lp, lp.detach(), adv, mask, aggregation=aggregation,
+                                                           max_length=8)[0])
     weight = adv[:, None] * mask  # the plain policy gradient: -A * grad log pi, aggregated the same way
     if aggregation == "token":
         plain = grads(lambda lp: -(weight * lp).sum() / mask.sum())
+    elif aggregation == "constant":
+        plain = grads(lambda lp: -(weight * lp).sum() / (4 * 8))
     else:
         plain = grads(lambda lp: -((weight * lp).sum(1) / mask.sum(1)).mean())
     for a, b in zip(surrogate, plain):
@@ -299,6 +312,29 @@ def test_overlong_penalty_stops_length_hacking():
     assert window_mean(penalised, "length", first=False) < 3.0
 
 
+def test_overlong_filtering_trains_as_if_the_truncated_completions_were_not_there():
+    model = toy_model(seed=3)
+    rollouts = rl.sample_groups(model, [[BOS, 1], [BOS, 2]], 4, 1.0, 12, END, PAD, torch.Generator().manual_seed(5))
+    truncated = rollouts.truncated
+    assert 0 < truncated.sum() < len(truncated)  # some completions hit the limit, some ended
+    advantages = torch.linspace(-1.0, 1.0, 8)
+    kept = ~truncated
+    without = rl.Rollouts(rollouts.ids[kept], rollouts.targets[kept], [c for c, k in zip(rollouts.completions, kept) if k],
+                          rollouts.lengths[kept], truncated[kept], rollouts.group_size)
+
+    def updated(batch, adv, overlong_filter):
+        m = toy_model(seed=3)
+        rl.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), batch, adv,
+                         rl.RLConfig(overlong_filter=overlong_filter, updates_per_batch=1, grad_clip=0.0))
+        return [p.detach() for p in m.parameters()]
+
+    filtered, reference, unfiltered = (updated(rollouts, advantages, True), updated(without, advantages[kept], False),
+                                       updated(rollouts, advantages, False))
+    for a, b in zip(filtered, reference):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(filtered, unfiltered))
+
+
 def test_policy_update_skips_a_batch_with_nothing_to_learn():
     model = toy_model()
     before = [p.clone() for p in model.parameters()]
@@ -360,3 +396,37 @@ def test_rl_train_runs_from_an_sft_folder_and_reports(small_data, tmp_path, devi
     assert "reward" in rl.format_report(report)
     trained, _, _ = ev.load_model(str(tmp_path / "tiny-rl"))  # the checkpoint reads back
     assert trained.cfg == start.cfg
+
+
+def test_dynamic_sampling_trains_only_on_informative_groups(small_data, tmp_path, monkeypatch):
+    """DAPO's dynamic sampling: with a reward that pays 1 for a completion whose first token id is a
+    multiple of 5 (about 1 in 5 for an untrained model), groups of 3 are often flat. Without dynamic
+    sampling the updates see flat groups; with it every group in every update has differing rewards,
+    each update has prompts_per_step of them, and the extra prompts come from further rounds."""
+    data_cfg, _ = small_data
+    torch.manual_seed(0)
+    start = Transformer(ModelConfig(vocab_size=TEST_VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    d_ff=128, max_seq_len=256))
+    (tmp_path / "tiny-sft").mkdir()
+    sft.save_model(start, data_cfg, tmp_path / "tiny-sft" / "ckpt_0000000.pt", {"step": 0})
+
+    def pays(completions: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([float(bool(c) and c[0] % 5 == 0) for c in completions])
+    monkeypatch.setattr(rl, "score", lambda rollouts, examples, enc, cfg: (pays(rollouts.completions),) * 2)
+    trained_on = []
+    real_update = rl.policy_update
+    monkeypatch.setattr(rl, "policy_update", lambda model, opt, rollouts, adv, cfg, ref=None: (
+        trained_on.append(rollouts.completions), real_update(model, opt, rollouts, adv, cfg, ref))[1])
+    flat_groups = {}
+    for rounds in (0, 4):
+        trained_on.clear()
+        cfg = rl.RLConfig(init=str(tmp_path / "tiny-sft"), out_dir=str(tmp_path), name=f"dyn{rounds}", prompts=40,
+                          prompts_per_step=4, group_size=3, steps=3, max_new_tokens=4, overlong_buffer=0,
+                          dynamic_sampling=rounds, eval_examples=1, eval_max_new_tokens=2, device="cpu")
+        rl.rl_train(cfg, log=lambda *a: None)
+        rows = [json.loads(line) for line in (tmp_path / cfg.name / "metrics.jsonl").read_text().splitlines()]
+        assert len(trained_on) == 3 and all(len(c) == 4 * 3 for c in trained_on)
+        flat_groups[rounds] = sum(int((~rl.informative(pays(c), 3)).sum()) for c in trained_on)
+        if rounds:
+            assert [r["kept_groups"] for r in rows] == [4, 4, 4] and any(r["rounds"] > 1 for r in rows)
+    assert flat_groups[0] > 0 and flat_groups[4] == 0
