@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from optim import OptimConfig, build_optimizer, lr_at
 from sft import (TASKS, Example, accuracy, accuracy_table, chat_segments, check_answer, make_examples, make_rows,
@@ -84,17 +85,32 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, targets
 
 
+LOGPS_CHUNK_TOKENS = 4096  # positions whose float32 log-softmax exists at once (x 128k vocab x 4 B = 2 GiB)
+
+
+def _picked_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
 def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(N, T): log pi(targets[t] | ids[:t + 1]) where targets is not -100, 0 elsewhere.
 
     `temperature` divides the logits: rl.py scores its samples under the distribution that drew
     them (softmax(logits / T)), as TRL's GRPOTrainer does; preference losses use T = 1.
     Log-softmax in float32 (the losses take differences of sums of hundreds of log-probs, where
-    bf16's 3 significant digits would drown the signal); bf16 forward on GPU, as sft.py trains."""
+    bf16's 3 significant digits would drown the signal); bf16 forward on GPU, as sft.py trains.
+    The float32 log-softmax is taken LOGPS_CHUNK_TOKENS positions at a time and recomputed in
+    backward (activation checkpointing), so at a 128k vocabulary only the model's own logits are
+    kept whole, not a float32 copy of them and another of their log-softmax."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
         logits = model(ids)
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    flat, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
+    picked = torch.cat([
+        torch.utils.checkpoint.checkpoint(_picked_logps, flat[start:start + LOGPS_CHUNK_TOKENS],
+                                          flat_targets[start:start + LOGPS_CHUNK_TOKENS], temperature,
+                                          use_reentrant=False)
+        for start in range(0, flat.shape[0], LOGPS_CHUNK_TOKENS)]).view_as(targets)
     return torch.where(targets != -100, picked, 0.0)
 
 

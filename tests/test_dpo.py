@@ -159,6 +159,27 @@ def test_response_logps_is_the_per_token_sum_over_the_response_only(small_data):
         assert dpo.response_logps(model, ids, more)[1][0] == counts[0] + 1
 
 
+def test_chunked_logps_equal_one_log_softmax_in_values_and_gradients(small_data, monkeypatch):
+    """token_logps takes the float32 log-softmax a chunk of positions at a time, recomputed in
+    backward: chunks that split rows (7 positions) give the same values and gradients as one
+    log-softmax over everything."""
+    _, enc = small_data
+    pairs = dpo.off_policy_pairs(enc, sft.make_examples(3, seed=5), thinking=False)
+    ids, targets = dpo.pair_batch(pairs, pad_id(enc))
+    results = []
+    for chunk in (7, 10 ** 9):
+        monkeypatch.setattr(dpo, "LOGPS_CHUNK_TOKENS", chunk)
+        model = tiny_model()
+        logps = dpo.token_logps(model, ids, targets, temperature=1.3)
+        (logps * torch.linspace(-1, 1, logps.shape[1])).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (chunked, chunked_grads), (whole, whole_grads) = results
+    assert ids.numel() > 7 * 3
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards(small_data):
     _, enc = small_data
     policy = tiny_model()
