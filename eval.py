@@ -298,11 +298,11 @@ def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, object,
         return Transformer.from_gguf(path).to(device), tokenizer.from_gguf(path), data.DataConfig()
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
-        try:  # a folder written by save_hf next to this project's tokenizer file
+        try:  # a Hugging Face tokenizer.json (byte-level BPE) or this project's own file
             enc = tokenizer.load_tokenizer(path / "tokenizer.json")
         except (FileNotFoundError, ValueError) as e:
-            raise EvalError(f"{path} has no tokenizer this code can read ({e}); Hugging Face tokenizer.json "
-                            f"files are not read yet, use gguf:PATH for SmolLM2") from e
+            raise EvalError(f"{path} has no tokenizer this code can read ({e}); save_hf(out_dir, enc) writes one, "
+                            f"and gguf:PATH reads a GGUF file's") from e
         return Transformer.from_hf(path).to(device), enc, data.DataConfig()
     sharded = (path / "meta.pt").is_file()  # a ckpt_<step>/ folder written under FSDP
     if path.is_dir() and not sharded:

@@ -620,10 +620,11 @@ class Transformer(nn.Module):
         import weights
         return weights.load_hf(path, **config_overrides)
 
-    def save_hf(self, out_dir):
-        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
+    def save_hf(self, out_dir, enc=None):
+        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads, and with
+        a tiktoken Encoding `enc` also tokenizer.json + tokenizer_config.json (AutoTokenizer)."""
         import weights
-        return weights.save_hf(self, out_dir)
+        return weights.save_hf(self, out_dir, enc)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,

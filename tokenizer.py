@@ -192,21 +192,26 @@ def save_tokenizer(enc: tiktoken.Encoding, path) -> None:
 
 
 def load_tokenizer(path) -> tiktoken.Encoding:
+    """This project's tokenizer file, or a Hugging Face tokenizer.json (from_hf_json), by its keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} not found; train one with "
                                 f"`python tokenizer.py --vocab-size N --out {path}`")
     try:
         payload = json.loads(path.read_text())
-        ranks = {base64.b64decode(tok, validate=True): i
-                 for i, tok in enumerate(payload["mergeable_ranks"])}
-        return tiktoken.Encoding(name=payload["name"], pat_str=payload["pattern"],
-                                 mergeable_ranks=ranks,
-                                 special_tokens={k: int(v) for k, v in payload["special_tokens"].items()})
+        if isinstance(payload, dict) and "model" in payload and "mergeable_ranks" not in payload:
+            payload = None  # a Hugging Face file: read below, outside this handler, with its own errors
+        else:
+            ranks = {base64.b64decode(tok, validate=True): i
+                     for i, tok in enumerate(payload["mergeable_ranks"])}
+            return tiktoken.Encoding(name=payload["name"], pat_str=payload["pattern"],
+                                     mergeable_ranks=ranks,
+                                     special_tokens={k: int(v) for k, v in payload["special_tokens"].items()})
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as e:
         # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
         raise ValueError(f"tokenizer file {path} is corrupt or not a tokenizer file "
                          f"({type(e).__name__}: {e}); retrain it with `python tokenizer.py`") from e
+    return from_hf_json(path)
 
 
 def eot_id(enc: tiktoken.Encoding) -> int:
@@ -346,23 +351,118 @@ def from_gguf(path) -> tiktoken.Encoding:
     tokens = weights.gguf_field(reader, "tokenizer.ggml.tokens")
     types = weights.gguf_field(reader, "tokenizer.ggml.token_type")
     merges = weights.gguf_field(reader, "tokenizer.ggml.merges", [])
+    # control and user-defined tokens (types 3 and 4) are matched whole, never merged
+    vocab = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind not in (3, 4)}
+    special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}
+    return _byte_level_encoding(Path(path).stem, GGUF_PRE_TOKENIZERS[pre], vocab, special, merges, len(tokens), path)
+
+
+def _byte_level_encoding(name: str, pattern: str, vocab: dict[str, int], special: dict[str, int],
+                         merges: list[str], n_ids: int, where) -> tiktoken.Encoding:
+    """A tiktoken Encoding of a byte-level BPE vocabulary written in GPT-2's printable characters
+    (GGUF and Hugging Face store them so). Rank = token id, which reproduces the merge list when
+    ids follow the merge order (checked). Bytes the vocabulary lacks get ids from n_ids on:
+    tiktoken needs every byte, Hugging Face drops them."""
     byte_of = _gpt2_byte_decoder()
-    ranks, special = {}, {}
-    for i, (token, kind) in enumerate(zip(tokens, types)):
-        if kind in (3, 4):  # control and user-defined tokens: matched whole, never merged
-            special[token] = i
-        else:
-            ranks[bytes(byte_of[ch] for ch in token)] = i
-    merged_ids = [ranks.get(bytes(byte_of[ch] for ch in m.replace(" ", "", 1))) for m in merges]
-    if None in merged_ids or any(a >= b for a, b in zip(merged_ids, merged_ids[1:])):
-        raise ValueError(f"{path}: token ids do not follow the merge order, so tiktoken cannot reproduce them")
-    next_id = len(tokens)
+    try:
+        ranks = {bytes(byte_of[ch] for ch in token): i for token, i in vocab.items()}
+    except KeyError as e:
+        raise ValueError(f"{where}: token with character {e} is not byte-level BPE (GPT-2's byte alphabet)") from e
+    merged_ids = [ranks.get(bytes(byte_of.get(ch, 0) for ch in m.replace(" ", "", 1))) for m in merges]
+    if None in merged_ids or any(a > b for a, b in zip(merged_ids, merged_ids[1:])):
+        raise ValueError(f"{where}: token ids do not follow the merge order, so tiktoken cannot reproduce them")
+    next_id = n_ids
     for b in range(256):
         if bytes([b]) not in ranks:
             ranks[bytes([b])] = next_id
             next_id += 1
-    return tiktoken.Encoding(name=Path(path).stem, pat_str=GGUF_PRE_TOKENIZERS[pre],
-                             mergeable_ranks=ranks, special_tokens=special)
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (byte-level BPE), written and read
+# --------------------------------------------------------------------------------------------
+
+def save_hf_tokenizer(enc: tiktoken.Encoding, out_dir) -> Path:
+    """Write out_dir/tokenizer.json and tokenizer_config.json: the Encoding as a Hugging Face fast
+    tokenizer (transformers' AutoTokenizer loads it) giving the same ids.
+
+    The merge list is tiktoken's rule spelled out, as transformers' TikTokenConverter does: every
+    split of a token into two vocabulary tokens is a merge, ordered by the merged token's rank, and
+    ignore_merges looks whole pre-tokenized pieces up first, as tiktoken does. The pre-tokenizer
+    is the Encoding's own regex (Oniguruma reads its possessive quantifiers), then the byte-level
+    mapping. End of sequence is <|im_end|> when the Encoding has it (a chat model's turn end, as
+    in SmolLM2-Instruct's config), else <|endoftext|>; padding <|endoftext|>."""
+    ranks = enc._mergeable_ranks  # tiktoken has no public accessor (see save_tokenizer)
+    char_of = {b: ch for ch, b in _gpt2_byte_decoder().items()}
+    text = {tok: "".join(char_of[b] for b in tok) for tok in ranks}
+    merges = []
+    for tok, rank in ranks.items():
+        splits = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        merges += [(rank, ranks[a], ranks[b], f"{text[a]} {text[b]}") for a, b in splits]
+    specials = dict(enc._special_tokens)
+    payload = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  # special tokens in the vocabulary too, as Hugging Face's own files have them: an
+                  # added token missing there would get a new id after the vocabulary
+                  "vocab": dict(sorted([*((text[tok], r) for tok, r in ranks.items()), *specials.items()],
+                                       key=lambda x: x[1])),
+                  "merges": [m[-1] for m in sorted(merges)]},
+    }
+    end = "<|im_end|>" if "<|im_end|>" in specials else "<|endoftext|>" if "<|endoftext|>" in specials else None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
+              "eos_token": end, "pad_token": "<|endoftext|>" if "<|endoftext|>" in specials else end,
+              "bos_token": None, "clean_up_tokenization_spaces": False}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in (("tokenizer.json", payload), ("tokenizer_config.json", config)):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(content, ensure_ascii=False))
+        os.replace(tmp, out_dir / name)
+    return out_dir / "tokenizer.json"
+
+
+def from_hf_json(path, payload: dict | None = None) -> tiktoken.Encoding:
+    """A Hugging Face byte-level BPE tokenizer.json (SmolLM2's, GPT-2's, or one save_hf_tokenizer
+    wrote) as a tiktoken Encoding with the same ids. The pre-tokenizer becomes one regex: a Split
+    regex as written, GPT-2's for a bare ByteLevel, SmolLM2's digits-then-GPT-2 for Digits +
+    ByteLevel. Anything else (SentencePiece/Unigram models, normalizers) stops with one line."""
+    path = Path(path)
+    payload = payload if payload is not None else json.loads(path.read_text())
+    model = payload.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: a {model.get('type')!r} tokenizer; only byte-level BPE tokenizer.json files are "
+                         f"read (for SentencePiece models such as Llama 2 use their GGUF file: gguf:PATH)")
+    if payload.get("normalizer"):
+        raise ValueError(f"{path}: has a normalizer ({payload['normalizer'].get('type')}), which tiktoken cannot apply")
+    pre = payload.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    split = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
+    if kinds == ["Split", "ByteLevel"] and split[0] and not steps[1].get("use_regex", True):
+        pattern = split[0]
+    elif kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        pattern = GPT2_PATTERN
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        pattern = DIGITS_GPT2_PATTERN
+    else:
+        raise ValueError(f"{path}: pre-tokenizer {kinds} is not one this code can turn into a regex "
+                         f"(known: Split + ByteLevel, ByteLevel, Digits + ByteLevel)")
+    special = {t["content"]: t["id"] for t in payload.get("added_tokens", [])}
+    vocab = {tok: i for tok, i in model["vocab"].items() if tok not in special}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    n_ids = max([*model["vocab"].values(), *special.values()]) + 1
+    return _byte_level_encoding(path.parent.name or path.stem, pattern, vocab, special, merges, n_ids, path)
 
 
 def gguf_chat_template(path) -> str:

