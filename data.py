@@ -367,11 +367,20 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print):
     tok_path = cfg.tokenizer_path(vocab_size)
     if not tok_path.exists():
         import time
+        make_it = (f"`python tokenizer.py --vocab-size {vocab_size} --files ... --max-bytes 200000000 "
+                   f"--out {tok_path}`")
+        own = [s for s, w in cfg.weights.items() if w and s not in SOURCES]
+        if own:  # a tokenizer for your data is trained on your data, not on the embedded sample
+            raise FileNotFoundError(f"no tokenizer at {tok_path} for data source(s) {own}: make it from your files "
+                                    f"first with {make_it}, then their shards with `python data.py --source ...`")
         t0 = time.time()
         kwargs = {"max_bytes": cfg.tokenizer_train_bytes} if cfg.tokenizer_train_bytes else {}
         texts = tokenizer_training_text(weights={k: v for k, v in cfg.weights.items() if k in SOURCES} or None,
                                         seed=cfg.seed, **kwargs)
-        enc = train_bpe(texts, vocab_size)
+        try:
+            enc = train_bpe(texts, vocab_size)
+        except ValueError as e:  # the embedded sample holds ~17k merges at 2 MB, ~44k at 20 MB
+            raise ValueError(f"{e}; or make the tokenizer from your own text: {make_it}") from e
         tok_path.parent.mkdir(parents=True, exist_ok=True)
         save_tokenizer(enc, tok_path)
         log(f"trained a {vocab_size}-token BPE tokenizer in {time.time() - t0:.1f}s -> {tok_path}")
@@ -543,7 +552,10 @@ def main() -> None:
         cfg = DataConfig(dir=args.dir, seed=args.seed, val_fraction=args.val_fraction, max_docs=args.max_docs)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    enc = prepare_data(cfg, args.vocab_size)
+    try:
+        enc = prepare_data(cfg, args.vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     if args.source:
         if not args.files:
             raise SystemExit("--source needs --files: the text or .jsonl files to tokenize")

@@ -107,6 +107,8 @@ def batch_size_at(tokens: int, full: int, start: int, ramp_tokens: int, multiple
     from `start` to `full` over the first `ramp_tokens` tokens, then `full` (DeepSeek-V3 ramps 3072
     -> 15360 sequences over the first 469B tokens). Rounded down to a multiple of `multiple`, the
     micro-batch x processes, since every rank runs whole micro-batches. ramp_tokens = 0: no ramp.
+    Why ramp: early in training the gradient noise is small, so the critical batch (beyond which a
+    larger batch no longer buys fewer steps) is small too, and a large batch would waste tokens.
 
     A function of tokens seen, not of the step, so a resumed run (which restores its token count)
     continues the ramp exactly."""
@@ -124,7 +126,8 @@ def sqrt_lr_scale(batch: int, base_batch: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices of the blocks decay; embeddings, norms and biases do not.
+    """Two AdamW groups: every matrix but the embedding decays (an untied lm_head and a router
+    too); the embedding, norms and biases do not (OLMo 2's no weight decay on embeddings).
 
     Each group carries the parameter names so that the run log can list them."""
     decay, no_decay, seen = [], [], set()

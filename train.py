@@ -301,6 +301,8 @@ def setup_distributed(tcfg: TrainConfig) -> tuple[int, int, int, torch.device]:
             port = sock.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     if world > 1 or tcfg.parallelism == "fsdp":
+        # Multi-node: torchrun on every node (scripts/slurm.sh) sets RANK, WORLD_SIZE and the
+        # c10d rendezvous; this process group spans all nodes' GPUs.
         # A rank that dies makes the others' next collective fail after this timeout instead of
         # hanging for the default 30+ minutes; torchrun then stops the whole job.
         from datetime import timedelta
@@ -634,7 +636,7 @@ def train(cfg: dict) -> dict:
     # DDP / one process: float32 master weights, autocast runs the matmuls in bf16. FSDP casts
     # parameters itself.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded)
-    optimizer = build_optimizer(model, ocfg)
+    optimizer = build_optimizer(model, ocfg)  # no weight decay on embeddings and norms (optim.param_groups)
     start_step, tokens = 0, 0
     spikes = SpikeSkipper(tcfg.spike_sigma, tcfg.spike_window) if tcfg.spike_sigma else None
     if saved is not None:
@@ -645,7 +647,7 @@ def train(cfg: dict) -> dict:
         for group, setting in zip(optimizer.param_groups, settings):
             group.update(setting)
         new_stage = loader.load_state_dict(saved["loader"])
-        if new_stage:
+        if new_stage:  # a curriculum stage, or an annealing run: resume a mid checkpoint with a new mix
             log(f"data.weights differ from the checkpoint's: a new mixture stage starts at sample {loader.samples:,}")
         if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
             log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "

@@ -126,7 +126,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="torch.compile each block, as train.py does on GPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (train.py compiles the whole forward, or each block under FSDP)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -6,7 +6,7 @@
 
 One training step = forward and backward on --grad-accum micro-batches (default 1) and a fused
 AdamW step, timed with CUDA synchronisation (a real run of configs/ablation_1b.toml accumulates
-12-92 micro-batches per step, so its optimizer costs less per token than at --grad-accum 1); the
+12-96 micro-batches per step, so its optimizer costs less per token than at --grad-accum 1); the
 figure is the median over --steps steps after --warmup steps (compilation happens in the
 warm-up). MFU uses model.flops_per_token (6N + 12 L h T, PaLM's definition) over the GPU's dense
 bf16 peak (989 TFLOP/s on H100/H200). Each variant runs in the same process, one after the other,

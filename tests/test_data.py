@@ -260,3 +260,17 @@ def test_missing_source_shards_name_the_fix(small_data):
     bad = DataConfig(dir=cfg.dir, max_docs=cfg.max_docs, val_fraction=cfg.val_fraction, weights={"web": 1.0})
     with pytest.raises(FileNotFoundError, match="python data.py --source web"):
         prepare_data(bad, 512, log=lambda *a: None)
+
+
+def test_a_missing_tokenizer_names_the_command_that_makes_it(tmp_path):
+    """Your own source needs a tokenizer made from your files (the embedded sample is far too
+    small for a 128k vocabulary): the run stops with the tokenizer.py command, before any work."""
+    cfg = DataConfig(dir=str(tmp_path), weights={"web": 1.0})
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer at .* for data source\(s\) \['web'\]: make it from "
+                                                r"your files first with `python tokenizer.py --vocab-size 128256"):
+        prepare_data(cfg, 128256, log=lambda *a: None)
+    small = DataConfig(dir=str(tmp_path), tokenizer_train_bytes=20_000)
+    with pytest.raises(ValueError, match=r"training text too small .* or make the tokenizer from your own text: "
+                                         r"`python tokenizer.py --vocab-size 8192 --files"):
+        prepare_data(small, 8192, log=lambda *a: None)
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.bin"))
