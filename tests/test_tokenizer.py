@@ -313,14 +313,40 @@ def test_hf_tokenizer_json_of_smollm2_and_transformers_autotokenizer(tmp_path):
         assert read.encode(text, allowed_special="all") == hf.encode(text).ids, text
 
 
-def test_unreadable_hf_tokenizer_json_stops_with_one_line(tmp_path):
-    path = tmp_path / "tokenizer.json"
-    path.write_text('{"model": {"type": "Unigram", "vocab": []}, "normalizer": null}')
-    with pytest.raises(ValueError, match="a 'Unigram' tokenizer; only byte-level BPE"):
-        T.load_tokenizer(path)
-    path.write_text('{"model": {"type": "BPE", "vocab": {}}, "normalizer": {"type": "NFC"}}')
-    with pytest.raises(ValueError, match="has a normalizer \\(NFC\\)"):
-        T.load_tokenizer(path)
-    path.write_text('{"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": {"type": "Metaspace"}}')
-    with pytest.raises(ValueError, match="pre-tokenizer \\['Metaspace'\\] is not one"):
-        T.load_tokenizer(path)
+def test_unreadable_hf_tokenizer_json_stops_with_one_line(enc, tmp_path):
+    """Each case is a good file (it reads) with one thing changed that tiktoken cannot reproduce, or
+    a malformed one: ValueError naming the file and the problem, never a stray KeyError."""
+    import copy
+    import json
+    good = json.loads(T.save_hf_tokenizer(enc, tmp_path / "good").read_text(encoding="utf-8"))
+    T.from_hf_json(tmp_path / "good" / "tokenizer.json", good)  # the unchanged file reads
+    split, byte_level = good["pre_tokenizer"]["pretokenizers"]
+    cases = {  # what changes -> the message
+        "model": ({"type": "Unigram", "vocab": []}, "a 'Unigram' tokenizer; only byte-level BPE"),
+        "normalizer": ({"type": "NFC"}, "has a normalizer \\(NFC\\)"),
+        "pre_tokenizer": ({"type": "Metaspace"}, "pre-tokenizer \\['Metaspace'\\] is not one"),
+        "end_of_word_suffix": ("</w>", "BPE with end_of_word_suffix '</w>'"),
+        "continuing_subword_prefix": ("##", "BPE with continuing_subword_prefix '##'"),
+        "behavior": ("Removed", "Split pre-tokenizer with behavior 'Removed'; only 'Isolated'"),
+        "invert": (True, "Split pre-tokenizer with behavior 'Isolated', inverted; only 'Isolated', not"),
+        "add_prefix_space": (True, "ByteLevel pre-tokenizer adds a prefix space"),
+        "vocab": (None, "not a readable Hugging Face tokenizer.json \\(KeyError: 'vocab'\\)"),
+    }
+    for key, (value, message) in cases.items():
+        payload = copy.deepcopy(good)
+        steps = payload["pre_tokenizer"]["pretokenizers"]
+        where = {"behavior": steps[0], "invert": steps[0], "add_prefix_space": steps[1]}.get(
+            key, payload["model"] if key in good["model"] else payload)
+        if value is None:
+            del where[key]
+        else:
+            where[key] = value
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps(payload), encoding="utf-8")
+        with pytest.raises(ValueError, match=f"^{regex.escape(str(path))}: {message}") as e:
+            T.load_tokenizer(path)
+        assert "\n" not in str(e.value)
+    assert split["behavior"] == "Isolated" and byte_level["add_prefix_space"] is False  # what we write
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not a readable Hugging Face tokenizer.json \\(JSONDecodeError"):
+        T.from_hf_json(tmp_path / "broken.json")
