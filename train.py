@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from attention import use_flash_attention_4
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
 from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
 from moe import active_params, begin_moe_step, end_moe_step
@@ -64,6 +65,9 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "auto"              # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
     compile: str = "auto"            # torch.compile the training forward: auto (on GPU) | true | false
+    document_masking: bool = True    # attend within each document only; false: plain causal over the packed window
+    attention_kernel: str = "auto"   # SDPA on GPU: fa4 (FlashAttention-4) | pytorch (its own choice) | auto (fa4
+                                     # where it can run: flash-attn-4 installed, Hopper/Blackwell, fa4_blocker None)
     peak_flops: float = 0.0          # per device, for MFU; 0 = look it up from the GPU's name
     sample_tokens: int = 200         # length of the text sample printed at the end (0: none)
     threads: int = 0                 # CPU threads per process; 0 = cores / processes
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"train.dtype={self.dtype!r} must be auto, float32 or bfloat16")
         if self.compile not in ("auto", "true", "false"):
             raise ValueError(f"train.compile={self.compile!r} must be auto, true or false")
+        if self.attention_kernel not in ("auto", "fa4", "pytorch"):
+            raise ValueError(f"train.attention_kernel={self.attention_kernel!r} must be auto, fa4 or pytorch")
         if self.spike_window < 4:
             raise ValueError(f"train.spike_window must be >= 4 steps, got {self.spike_window}")
         if self.parallelism not in ("ddp", "fsdp"):
@@ -229,6 +235,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if cfg["model"].moe and cfg["train"].activation_checkpointing:
         raise ConfigError("train.activation_checkpointing cannot be combined with model.moe: recomputing a MoE "
                           "layer in backward would count its tokens twice in the balance statistics")
+    if cfg["train"].attention_kernel == "fa4" and (blocker := fa4_blocker(cfg["model"], cfg["train"])):
+        raise ConfigError(f"train.attention_kernel=fa4 would never run: {blocker}")
     if cfg["train"].seq_len > cfg["model"].max_seq_len:
         raise ConfigError(f"train.seq_len={cfg['train'].seq_len} is longer than model.max_seq_len="
                           f"{cfg['model'].max_seq_len}; lower the first or raise the second")
@@ -500,7 +508,8 @@ def restore_weights(path: Path, saved: dict, model, optimizer) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int, device, autocast) -> float:
+def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int, device, autocast,
+             document_masking: bool = True) -> float:
     """Mean validation loss over the same n_batches batches every time, whatever the world size:
     the loader restarts at sample 0 and batch i is scored by rank i % world_size. Ranks run the
     same number of forward passes (FSDP needs every rank in every forward), padding with a repeat
@@ -514,7 +523,7 @@ def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int
     for i in range(rank, -(-n_batches // world) * world, world):
         x, y, doc = batches[min(i, n_batches - 1)]
         with autocast:  # the cross-entropy alone: z-loss and MoE balance terms are training aids
-            _, parts = model(x.to(device), y.to(device), doc.to(device))
+            _, parts = model(x.to(device), y.to(device), doc.to(device) if document_masking else None)
         if i < n_batches:
             total += torch.tensor([parts["ce"].item(), 1.0], dtype=torch.float64, device=device)
     model.train()
@@ -540,6 +549,26 @@ def sample_text(model: Transformer, enc, prompts: list[str], max_new_tokens: int
 # --------------------------------------------------------------------------------------------
 
 
+def fa4_blocker(mcfg: ModelConfig, tcfg: TrainConfig) -> str | None:
+    """Why SDPA's flash kernel, where FlashAttention-4 sits, would never see this model's training
+    attention, or None. Flash kernels take no mask: only plain causal softmax attention reaches
+    them, so document masking (a boolean mask for SDPA) has to be off."""
+    if mcfg.attn_backend != "sdpa":
+        return f"model.attn_backend={mcfg.attn_backend!r}, and FlashAttention-4 sits behind SDPA"
+    if tcfg.document_masking:
+        return ("train.document_masking=true hands SDPA a mask, which flash kernels do not take "
+                "(set it false for plain causal attention over packed windows)")
+    if mcfg.attn_type == "mla" or set(mcfg.layer_kinds()) != {"G"} or mcfg.attn_sinks or mcfg.dca_chunk_size:
+        return "the model has layers other than plain causal softmax attention (MLA, windows, chunks, linear, sinks or DCA)"
+    return None
+
+
+# Inductor on GPU: autotune the launch settings (block sizes, warps) of its fused elementwise and
+# reduction kernels (the matmuls stay cuBLAS's): +1% tokens/s at the 1B shape for a longer first
+# compile (README, Benchmarks). bench_train.py uses the same.
+INDUCTOR_GPU_SETTINGS = {"max_autotune_pointwise": True}
+
+
 def train(cfg: dict) -> dict:
     """Run (or resume) the configured training; returns a summary of the final figures."""
     mcfg, dcfg, ocfg, tcfg = cfg["model"], cfg["data"], cfg["optim"], cfg["train"]
@@ -547,6 +576,12 @@ def train(cfg: dict) -> dict:
     if mcfg.attn_backend == "flex" and device.type == "cpu":
         raise ConfigError("model.attn_backend='flex' cannot train on CPU (flex_attention has no CPU backward); "
                           "use --model.attn_backend=sdpa on CPU")
+    attention_kernel = "PyTorch's choice"
+    if tcfg.attention_kernel == "fa4" or (tcfg.attention_kernel == "auto" and device.type == "cuda"):
+        why_not = fa4_blocker(mcfg, tcfg) or use_flash_attention_4(device)  # before any data work
+        if why_not and tcfg.attention_kernel == "fa4":
+            raise ConfigError(f"train.attention_kernel=fa4: {why_not} (or set train.attention_kernel=auto)")
+        attention_kernel = f"PyTorch's choice, not FlashAttention-4: {why_not}" if why_not else "FlashAttention-4"
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     run_dir = Path(tcfg.out_dir) / tcfg.name
@@ -627,6 +662,10 @@ def train(cfg: dict) -> dict:
         # gradients are held once (4N bytes), not once in .grad and again in the buckets
         train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                           gradient_as_bucket_view=True)
+    if compiled and device.type == "cuda":
+        import torch._inductor.config as inductor_config
+        for key, value in INDUCTOR_GPU_SETTINGS.items():
+            setattr(inductor_config, key, value)
     if compiled and not sharded:
         # The whole training forward as one graph (DDP's own graph breaks keep its overlap): the
         # embedding, the final norm and the loss's casts fuse too, 3% faster than block by block at
@@ -693,6 +732,8 @@ def train(cfg: dict) -> dict:
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
         f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
+    if device.type == "cuda" and mcfg.attn_backend == "sdpa":
+        log(f"attention kernel: {attention_kernel}")
     if tcfg.batch_ramp_tokens:
         log(f"batch ramp: {tcfg.batch_ramp_start} -> {global_batch} sequences over the first "
             f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}")
@@ -709,7 +750,8 @@ def train(cfg: dict) -> dict:
 
     val_loss = None
     if start_step == 0:
-        val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
+        val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast,
+                            tcfg.document_masking)
         record({"step": 0, "tokens": 0, "val_loss": val_loss})
         log(f"step {0:>6} | val_loss {val_loss:.4f}")
         run_task_evals(0)
@@ -740,7 +782,7 @@ def train(cfg: dict) -> dict:
                 elif world > 1 and not last:
                     sync = train_model.no_sync()
                 with sync, autocast:
-                    loss, parts = train_model(x, y, doc)
+                    loss, parts = train_model(x, y, doc if tcfg.document_masking else None)
                     (loss / len(micro_batches)).backward()
                 parts_sum["loss"] += loss.item() / len(micro_batches)
                 parts_sum["ce"] += parts["ce"].item() / len(micro_batches)
@@ -796,7 +838,8 @@ def train(cfg: dict) -> dict:
 
         t_pause = time.time()
         if done % tcfg.eval_interval == 0 or done == tcfg.max_steps:
-            val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast)
+            val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast,
+                                tcfg.document_masking)
             record({"step": done, "tokens": tokens, "val_loss": val_loss})
             log(f"step {done:>6} | val_loss {val_loss:.4f}")
             run_task_evals(done)

@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py --config configs/ablation_1b.toml                 # ours
     python benchmarks/bench_train.py --config configs/ablation_1b.toml --vs-hf         # + HF Llama
     python benchmarks/bench_train.py --config configs/ablation_1b.toml --doc-masking   # flex docs vs SDPA causal
+    python benchmarks/bench_train.py --vs-hf --backends sdpa-fa4,sdpa                  # FlashAttention-4 vs cuDNN
 
 One training step = forward and backward on --grad-accum micro-batches (default 1) and a fused
 AdamW step, timed with CUDA synchronisation (a real run of configs/ablation_1b.toml accumulates
@@ -10,7 +11,9 @@ AdamW step, timed with CUDA synchronisation (a real run of configs/ablation_1b.t
 figure is the median over --steps steps after --warmup steps (compilation happens in the
 warm-up). MFU uses model.flops_per_token (6N + 12 L h T, PaLM's definition) over the GPU's dense
 bf16 peak (989 TFLOP/s on H100/H200). Each variant runs in the same process, one after the other,
-with memory released in between. Results go to stdout as a table and to --out as JSON.
+with memory released in between. Our model compiles with train.py's Inductor settings
+(INDUCTOR_GPU_SETTINGS) plus any --inductor variant; HF with Inductor's defaults. Results go to
+stdout as a table and to --out as JSON.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config  # noqa: F401  (bench --inductor patches it)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from attention import use_flash_attention_4  # noqa: E402
 from model import Transformer, flops_per_token  # noqa: E402
 from optim import OptimConfig, build_optimizer  # noqa: E402
-from train import load_config, peak_flops_per_device  # noqa: E402
+from train import INDUCTOR_GPU_SETTINGS, load_config, peak_flops_per_device  # noqa: E402
 
 
 def corpus_doc_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -74,20 +79,26 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
     mcfg = cfg["model"]
     torch._dynamo.reset()  # SDPA's kernel is chosen at trace time: no graph reuse across variants
     # "sdpa-<kernel>" pins SDPA to one kernel (cudnn, flash, efficient) by disabling the others;
-    # "sdpa-fa3" is the flash kernel routed to FlashAttention-3 (needs the flash_attn_interface
-    # package, Hopper only). Plain "sdpa" lets PyTorch choose (cuDNN on H100 in torch 2.11).
+    # "sdpa-fa3" / "sdpa-fa4" are the flash kernel routed to FlashAttention-3 (the
+    # flash_attn_interface package) or FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels
+    # for Hopper and Blackwell). Plain "sdpa" lets PyTorch choose (cuDNN on H100 in torch 2.11).
     pinned = backend.removeprefix("sdpa-") if backend.startswith("sdpa-") else None
-    if pinned not in (None, "cudnn", "flash", "efficient", "fa3"):
+    if pinned not in (None, "cudnn", "flash", "efficient", "fa3", "fa4"):
         raise SystemExit(f"unknown back end {backend!r}: use sdpa, sdpa-cudnn, sdpa-flash, sdpa-efficient, "
-                         "sdpa-fa3 or flex")
-    fa3 = pinned == "fa3"
-    torch.backends.cuda.enable_flash_sdp(pinned in (None, "flash", "fa3"))
+                         "sdpa-fa3, sdpa-fa4 or flex")
+    flash_impl = pinned.upper() if pinned in ("fa3", "fa4") else None
+    torch.backends.cuda.enable_flash_sdp(pinned in (None, "flash", "fa3", "fa4"))
     torch.backends.cuda.enable_mem_efficient_sdp(pinned in (None, "efficient"))
     torch.backends.cuda.enable_cudnn_sdp(pinned in (None, "cudnn"))
-    if fa3:
+    if flash_impl:
         from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
-        activate_flash_attention_impl("FA3")
-    try:  # a failing variant must not leave FA3 switched on for the ones after it (HF included)
+        if flash_impl == "FA4":  # what train.py does on Hopper/Blackwell when flash-attn-4 is installed
+            why_not = use_flash_attention_4(torch.device("cuda"))
+            if why_not:
+                raise RuntimeError(why_not)
+        else:
+            activate_flash_attention_impl(flash_impl)
+    try:  # a failing variant must not leave FA3/FA4 switched on for the ones after it (HF included)
         mcfg.attn_backend = "sdpa" if backend.startswith("sdpa") else backend
         torch.manual_seed(0)
         model = Transformer(mcfg).cuda()
@@ -117,7 +128,7 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
             profile_top_kernels(step, profile_dir / f"profile_{backend}.txt")
         result = summarize(times, grad_accum * batch * T, flops_per_token(mcfg, T))
     finally:
-        if fa3:
+        if flash_impl:
             restore_flash_attention_impl()
     del model, fwd, opt
     return result
@@ -231,6 +242,25 @@ def profile_top_kernels(step_fn, path: Path) -> None:
     print(f"profile ({path.name}):\n{summary}")
 
 
+def inductor_settings(spec: str) -> dict:
+    """'a=True,triton.b=4' -> {'a': True, 'triton.b': 4}, each key checked against Inductor's config."""
+    import ast
+    import torch._inductor.config as inductor_config
+    settings = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            settings[key.strip()] = ast.literal_eval(value.strip()) if sep else True
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--inductor {spec!r}: {value!r} is not a Python literal (True, 4, 'x')") from None
+        owner = inductor_config
+        for part in key.strip().split("."):
+            if not hasattr(owner, part):
+                raise SystemExit(f"--inductor {spec!r}: torch._inductor.config has no setting {key.strip()!r}")
+            owner = getattr(owner, part)
+    return settings
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/ablation_1b.toml")
@@ -241,7 +271,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the config's)")
     p.add_argument("--backends", default="sdpa",
                    help="comma-separated attention back ends for our model: sdpa, sdpa-cudnn, sdpa-flash, "
-                        "sdpa-efficient, sdpa-fa3, flex")
+                        "sdpa-efficient, sdpa-fa3, sdpa-fa4, flex")
     p.add_argument("--vs-hf", action="store_true", help="also time HF transformers' LlamaForCausalLM")
     p.add_argument("--doc-masking", action="store_true",
                    help="compare flex with corpus document masks against SDPA/flex plain causal")
@@ -249,6 +279,9 @@ def main() -> None:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--compile-per-block", action="store_true",
                    help="compile our model block by block (train.py's way under FSDP), not as one graph")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also time our model with these torch._inductor.config settings (one variant per flag, "
+                        "after the default one), e.g. max_autotune_pointwise=True")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="write a kernel-time breakdown next to --out")
     p.add_argument("--fsdp", action="store_true",
@@ -301,8 +334,12 @@ def main() -> None:
         dist.destroy_process_group()
         return
     for backend in args.backends.split(","):
-        run(f"ours[{backend}]", bench_ours, args.micro_batch, args.steps, args.warmup, backend, None, compiled,
-            args.activation_checkpointing, prof, args.compile_mode, args.compile_per_block, args.grad_accum)
+        for spec in [""] + args.inductor:
+            # train.py's Inductor settings, then the variant's; HF below compiles with Inductor's defaults
+            with torch._inductor.config.patch({**INDUCTOR_GPU_SETTINGS, **inductor_settings(spec)}):
+                run(f"ours[{backend}{', ' + spec if spec else ''}]", bench_ours, args.micro_batch, args.steps,
+                    args.warmup, backend, None, compiled, args.activation_checkpointing, prof, args.compile_mode,
+                    args.compile_per_block, args.grad_accum)
     if args.doc_masking:
         doc = corpus_doc_ids(args.micro_batch, cfg["train"].seq_len)
         meta["docs_per_window"] = float((doc[:, -1] + 1).float().mean())

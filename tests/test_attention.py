@@ -173,3 +173,50 @@ def test_kv_cache_size_formula_matches_allocated_bytes():
     assert kv_cache_bytes(36, 4, 128, 128 * 1024) == 9 * 1024 ** 3
     # MQA stores 1/n_heads of MHA's cache.
     assert kv_cache_bytes(36, 1, 128, 1) * 16 == kv_cache_bytes(36, 16, 128, 1)
+
+
+def test_flash_attention_4_adapters_give_torch_the_tuple_it_unpacks(monkeypatch):
+    """torch's FA4 hook unpacks (out, lse) from the forward and (dq, dk, dv) from the backward;
+    flash-attn-4 returns more. The adapters pass every argument through and keep what torch takes."""
+    import sys
+    import types
+
+    import attention
+    calls = {}
+
+    def fwd(q, k, v, **kwargs):
+        calls["fwd"] = (q, k, v, kwargs)
+        return "out", "lse", None, None, None
+
+    def bwd(*args, **kwargs):
+        calls["bwd"] = (args, kwargs)
+        return "dq", "dk", "dv", "dsink"
+
+    fake = types.ModuleType("flash_attn.cute.interface")
+    fake._flash_attn_fwd, fake._flash_attn_bwd = fwd, bwd
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", fake)
+    assert attention._flash_attn_fwd(1, 2, 3, causal=True, return_lse=True) == ("out", "lse")
+    assert calls["fwd"] == (1, 2, 3, {"causal": True, "return_lse": True})
+    assert attention._flash_attn_bwd(1, 2, 3, 4, 5, 6, softmax_scale=0.5) == ("dq", "dk", "dv")
+    assert calls["bwd"] == ((1, 2, 3, 4, 5, 6), {"softmax_scale": 0.5})
+
+
+def test_flash_attention_4_is_refused_with_the_reason_where_it_cannot_run(tmp_path):
+    from attention import use_flash_attention_4
+    from train import ConfigError, load_config, train
+    assert "Hopper (sm90) or Blackwell" in use_flash_attention_4(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.attention_kernel='fast' must be auto, fa4 or pytorch"):
+        load_config(None, ["--train.attention_kernel=fast"])
+    with pytest.raises(ConfigError, match="train.attention_kernel=fa4: FlashAttention-4 needs a Hopper"):
+        train(load_config(None, ["--train.attention_kernel=fa4", "--train.document_masking=false",
+                                 "--train.device=cpu", f"--train.out_dir={tmp_path}"]))
+    # flash kernels take no mask: settings whose attention would never reach them are refused up front
+    for overrides, reason in ((["--model.attn_backend=flex"], "model.attn_backend='flex'"),
+                              ([], "train.document_masking=true hands SDPA a mask"),
+                              (["--train.document_masking=false", "--model.sliding_window=16"],
+                               "the model has layers other than plain causal")):
+        with pytest.raises(ConfigError, match=f"train.attention_kernel=fa4 would never run: {reason}"):
+            load_config(None, ["--train.attention_kernel=fa4", *overrides])
+    load_config(None, ["--train.attention_kernel=fa4", "--train.document_masking=false"])  # plain causal: fine

@@ -13,6 +13,58 @@ from train import load_config, train
 pytestmark = pytest.mark.gpu
 
 
+def _has_flash_attention_4() -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec("flash_attn.cute.interface") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+needs_fa4 = pytest.mark.skipif(not _has_flash_attention_4(), reason="flash-attn-4 is not installed "
+                               "(requirements-gpu.txt)")
+
+
+@pytest.fixture(autouse=True)
+def pytorch_attention_kernels_after_each_test():
+    """train.py switches SDPA to FlashAttention-4 for the whole process when it can; each test
+    starts from PyTorch's own kernels again."""
+    yield
+    from torch.nn.attention import restore_flash_attention_impl
+    restore_flash_attention_impl()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+@needs_fa4
+def test_flash_attention_4_computes_what_pytorch_attention_computes():
+    """GQA causal attention and its gradients through SDPA: FlashAttention-4's error against a
+    float32 reference is within twice that of PyTorch's own bf16 kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attention import use_flash_attention_4
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("FlashAttention-4 runs on Hopper and Blackwell GPUs")
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1024, 64, device="cuda")
+    k, v = torch.randn(2, 2, 1024, 64, device="cuda"), torch.randn(2, 2, 1024, 64, device="cuda")
+    grad_out = torch.randn(2, 8, 1024, 64, device="cuda")
+
+    def outputs(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+        return [out.float()] + [g.float() for g in torch.autograd.grad(out, leaves, grad_out.to(dtype))]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = outputs(torch.float32)
+    pytorch_bf16 = outputs(torch.bfloat16)
+    assert use_flash_attention_4(torch.device("cuda")) is None
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # FlashAttention-4 now sits behind this one
+        fa4_bf16 = outputs(torch.bfloat16)
+    for name, w, ours, theirs in zip(("out", "dq", "dk", "dv"), want, fa4_bf16, pytorch_bf16):
+        assert (ours - w).abs().max() <= 2 * (theirs - w).abs().max() + 1e-3, name
+
+
 def test_fused_loss_under_bf16_autocast_matches_float32_reference():
     torch.manual_seed(0)
     h = torch.randn(5000, 256, device="cuda", requires_grad=True)
@@ -30,11 +82,13 @@ def test_fused_loss_under_bf16_autocast_matches_float32_reference():
         assert ((got - want).norm() / want.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_compiled_bf16_training_on_gpu_lowers_the_loss(small_data, tmp_path, backend):
+@pytest.mark.parametrize("backend, kernel", [("sdpa", "pytorch"), ("flex", "auto"),
+                                             pytest.param("sdpa", "fa4", marks=needs_fa4)])
+def test_compiled_bf16_training_on_gpu_lowers_the_loss(small_data, tmp_path, backend, kernel):
     args = tiny_overrides(small_data[0], tmp_path, f"gpu-{backend}", **{
         "train.device": "cuda", "train.compile": "true", "model.attn_backend": backend, "train.max_steps": 30,
-        "train.eval_interval": 30, "train.ckpt_interval": 30, "train.micro_batch_size": 8})
+        "train.eval_interval": 30, "train.ckpt_interval": 30, "train.micro_batch_size": 8,
+        "train.attention_kernel": kernel, "train.document_masking": kernel != "fa4"})
     train(load_config(None, args))
     rows = [json.loads(line) for line in (tmp_path / f"gpu-{backend}" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]

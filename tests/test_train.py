@@ -395,6 +395,29 @@ def test_training_passes_each_batch_its_document_ids(small_data, tmp_path, monke
     assert any(int(doc.max()) > 0 for _, _, doc in seen)  # the windows really hold several documents
 
 
+def test_document_masking_off_gives_every_forward_plain_causal_attention(small_data, tmp_path, monkeypatch):
+    """train.document_masking=false (the playbook's ablation of intra-document masking, and the
+    path SDPA's flash kernels take): no training or validation forward gets doc_ids; on (the
+    default) every one does."""
+    from model import Transformer
+    seen = []
+    real_forward = Transformer.forward
+
+    def spy(self, idx, targets=None, doc_ids=None, kv_cache=None):
+        if targets is not None:
+            seen.append((self.training, doc_ids is None))
+        return real_forward(self, idx, targets, doc_ids, kv_cache)
+    monkeypatch.setattr(Transformer, "forward", spy)
+    off = run(small_data, tmp_path, "plain", **{"train.max_steps": 2, "train.eval_interval": 2,
+                                                 "train.document_masking": False})
+    assert {training for training, _ in seen} == {True, False}  # training and validation both seen
+    assert all(no_docs for _, no_docs in seen)
+    seen.clear()
+    on = run(small_data, tmp_path, "docs", **{"train.max_steps": 2, "train.eval_interval": 2})
+    assert seen and not any(no_docs for _, no_docs in seen)
+    assert off["val_loss"] != on["val_loss"]  # the mask changes what the model computes
+
+
 def test_a_warmup_longer_than_the_run_is_pointed_out(small_data, tmp_path, capsys):
     run(small_data, tmp_path, "short", **{"train.max_steps": 2, "optim.warmup_steps": 5})
     assert "note: optim.warmup_steps=5 is above train.max_steps=2: the learning rate never reaches" in capsys.readouterr().out
