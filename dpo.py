@@ -85,10 +85,12 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, targets
 
 
-LOGPS_CHUNK_TOKENS = 4096  # positions whose float32 log-softmax exists at once (x 128k vocab x 4 B = 2 GiB)
+LOGPS_CHUNK_TOKENS = 4096  # positions whose logits and float32 log-softmax exist at once (x 128k vocab x 4 B = 2 GiB)
 
 
-def _picked_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _picked_logps(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    logits = F.linear(h, head_weight)  # the model's output head, under the caller's autocast
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
@@ -100,17 +102,18 @@ def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: fl
     them (softmax(logits / T)), as TRL's GRPOTrainer does; preference losses use T = 1.
     Log-softmax in float32 (the losses take differences of sums of hundreds of log-probs, where
     bf16's 3 significant digits would drown the signal); bf16 forward on GPU, as sft.py trains.
-    The float32 log-softmax is taken LOGPS_CHUNK_TOKENS positions at a time and recomputed in
-    backward (activation checkpointing), so at a 128k vocabulary only the model's own logits are
-    kept whole, not a float32 copy of them and another of their log-softmax."""
+    The output head, the float32 log-softmax and the pick run LOGPS_CHUNK_TOKENS positions at a
+    time from the model's hidden states and are recomputed in backward (activation
+    checkpointing): at a 128k vocabulary no (N, T, V) tensor exists, neither the logits nor a
+    float32 copy nor their log-softmax, only one chunk's (4096 x 128k x 4 B = 2 GiB)."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
-        logits = model(ids)
-    flat, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
-    picked = torch.cat([
-        torch.utils.checkpoint.checkpoint(_picked_logps, flat[start:start + LOGPS_CHUNK_TOKENS],
-                                          flat_targets[start:start + LOGPS_CHUNK_TOKENS], temperature,
-                                          use_reentrant=False)
-        for start in range(0, flat.shape[0], LOGPS_CHUNK_TOKENS)]).view_as(targets)
+        h = model.hidden_states(ids)
+        flat, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        picked = torch.cat([
+            torch.utils.checkpoint.checkpoint(_picked_logps, flat[start:start + LOGPS_CHUNK_TOKENS],
+                                              model.lm_head.weight, flat_targets[start:start + LOGPS_CHUNK_TOKENS],
+                                              temperature, use_reentrant=False)
+            for start in range(0, flat.shape[0], LOGPS_CHUNK_TOKENS)]).view_as(targets)
     return torch.where(targets != -100, picked, 0.0)
 
 

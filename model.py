@@ -506,6 +506,19 @@ class Transformer(nn.Module):
         "balance_loss" and "router_z_loss", moe.add_router_losses).
 
         doc_ids (B, T) restricts attention to tokens of the same document."""
+        h = self.hidden_states(idx, doc_ids, kv_cache)
+        if targets is None:
+            return self.lm_head(h)
+        loss_and_parts = linear_cross_entropy(h, self.lm_head.weight, targets, self.cfg.z_loss_coef)
+        if not self.cfg.moe:
+            return loss_and_parts
+        from moe import add_router_losses
+        return add_router_losses(self, *loss_and_parts)
+
+    def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, d_model): the final norm's output, which the output head turns into logits. Losses
+        that need only some of the logits (the fused loss here, dpo.token_logps) start from it."""
         B, T = idx.shape
         start = kv_cache.reserve(T) if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -536,13 +549,7 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        if targets is None:
-            return self.lm_head(self.norm(x))
-        loss_and_parts = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, self.cfg.z_loss_coef)
-        if not self.cfg.moe:
-            return loss_and_parts
-        from moe import add_router_losses
-        return add_router_losses(self, *loss_and_parts)
+        return self.norm(x)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """The cache generate() uses: K/V per attention layer (MLA: latent + RoPE key), and a

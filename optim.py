@@ -78,10 +78,12 @@ def wsd_decay_start(cfg: OptimConfig, max_steps: int) -> int:
     return max_steps - max(1, round(cfg.decay_fraction * max_steps))
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate at a 0-based optimizer step of a run of max_steps steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def lr_at(step: float, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate at a 0-based optimizer step of a run of max_steps steps. With a batch ramp
+    train.py passes the tokens seen over the tokens of one full batch (a fractional step), so the
+    warmup and the decay follow tokens, not the more numerous small steps of the ramp."""
+    if step < cfg.warmup_steps:  # a fractional step past warmup_steps - 1 stays at the peak
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "cosine":
@@ -116,6 +118,17 @@ def batch_size_at(tokens: int, full: int, start: int, ramp_tokens: int, multiple
         return full
     batch = (start * ramp_tokens + (full - start) * tokens) // ramp_tokens  # integers: no float rounding
     return max(multiple, min(full, batch // multiple * multiple))
+
+
+def ramp_steps(token_budget: int, seq_len: int, full: int, start: int, ramp_tokens: int, multiple: int = 1) -> int:
+    """Optimizer steps a run with this batch ramp takes to train on token_budget tokens: it keeps
+    stepping while fewer have been seen, so the last step may go past the budget by less than one
+    batch. train.py gives a ramped run the budget of the same run without the ramp."""
+    steps = tokens = 0
+    while tokens < token_budget:
+        tokens += batch_size_at(tokens, full, start, ramp_tokens, multiple) * seq_len
+        steps += 1
+    return steps
 
 
 def sqrt_lr_scale(batch: int, base_batch: int) -> float:

@@ -40,15 +40,16 @@ from attention import use_flash_attention_4
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
 from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
 from moe import active_params, begin_moe_step, end_moe_step
-from optim import (OptimConfig, batch_size_at, build_optimizer, describe_groups, lr_at, sqrt_lr_scale,
-                   wsd_decay_start)
+from optim import (OptimConfig, batch_size_at, build_optimizer, describe_groups, lr_at, ramp_steps,
+                   sqrt_lr_scale, wsd_decay_start)
 
 
 @dataclass
 class TrainConfig:
     name: str = "tiny"               # the run folder: <out_dir>/<name>
     out_dir: str = "runs"
-    max_steps: int = 500
+    max_steps: int = 500             # optimizer steps; with a batch ramp, full-batch steps: the run trains on
+                                     # max_steps x global batch sequences, and the lr schedule follows tokens
     micro_batch_size: int = 16       # sequences per forward pass on one rank
     grad_accum_steps: int = 1        # global batch = micro_batch_size * grad_accum_steps * world_size
     global_batch_size: int = 0       # sequences per step; when set, grad_accum_steps follows from the world size
@@ -732,11 +733,18 @@ def train(cfg: dict) -> dict:
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
         f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
+    # A batch ramp trains on the tokens of the unramped run (max_steps full batches), in more steps;
+    # the lr schedule then runs on tokens: a step's position is tokens seen / tokens of a full step.
+    total_steps = tcfg.max_steps
+    if tcfg.batch_ramp_tokens:
+        total_steps = ramp_steps(tcfg.max_steps * tokens_per_step, tcfg.seq_len, global_batch, tcfg.batch_ramp_start,
+                                 tcfg.batch_ramp_tokens, per_micro)
     if device.type == "cuda" and mcfg.attn_backend == "sdpa":
         log(f"attention kernel: {attention_kernel}")
     if tcfg.batch_ramp_tokens:
         log(f"batch ramp: {tcfg.batch_ramp_start} -> {global_batch} sequences over the first "
-            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}")
+            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}; {total_steps} optimizer steps train "
+            f"the {tcfg.max_steps} full batches' {tcfg.max_steps * tokens_per_step:,} tokens, lr schedule on tokens")
     if ocfg.lr_base_batch:
         log(f"lr scaled by sqrt(batch / {ocfg.lr_base_batch}): x{sqrt_lr_scale(global_batch, ocfg.lr_base_batch):.3f} "
             f"at the full batch" + (" (Adam's rule, applied to Muon's groups too)" if ocfg.name == "muon" else ""))
@@ -757,9 +765,9 @@ def train(cfg: dict) -> dict:
         run_task_evals(0)
 
     t_last, tokens_last, paused = time.time(), tokens, 0.0  # paused: eval and checkpoint time, not training
-    for step in range(start_step, tcfg.max_steps):
+    for step in range(start_step, total_steps):
         batch = batch_size_at(tokens, global_batch, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens, per_micro)
-        lr = lr_at(step, ocfg, tcfg.max_steps)
+        lr = lr_at(tokens / tokens_per_step if tcfg.batch_ramp_tokens else step, ocfg, tcfg.max_steps)
         if ocfg.lr_base_batch:
             lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
         for group in optimizer.param_groups:
@@ -812,7 +820,7 @@ def train(cfg: dict) -> dict:
         tokens += batch * tcfg.seq_len
         done = step + 1
 
-        if done % tcfg.log_interval == 0 or done == tcfg.max_steps:
+        if done % tcfg.log_interval == 0 or done == total_steps:
             loss_avg = all_reduce_mean(parts_sum["loss"], device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -837,19 +845,19 @@ def train(cfg: dict) -> dict:
             t_last, tokens_last, paused = time.time(), tokens, 0.0
 
         t_pause = time.time()
-        if done % tcfg.eval_interval == 0 or done == tcfg.max_steps:
+        if done % tcfg.eval_interval == 0 or done == total_steps:
             val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast,
                                 tcfg.document_masking)
             record({"step": done, "tokens": tokens, "val_loss": val_loss})
             log(f"step {done:>6} | val_loss {val_loss:.4f}")
             run_task_evals(done)
-        if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == tcfg.max_steps:
+        if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == total_steps:
             path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded,
                                    spikes)
             log(f"saved {path}")
         paused += time.time() - t_pause
 
-    summary = {"run_dir": str(run_dir), "steps": tcfg.max_steps, "tokens": tokens, "val_loss": val_loss}
+    summary = {"run_dir": str(run_dir), "steps": total_steps, "tokens": tokens, "val_loss": val_loss}
     sample_model = model
     if sharded and tcfg.sample_tokens:
         # generation is sequential and small: gather the full weights into a plain model on rank 0

@@ -176,8 +176,30 @@ def test_chunked_logps_equal_one_log_softmax_in_values_and_gradients(small_data,
     (chunked, chunked_grads), (whole, whole_grads) = results
     assert ids.numel() > 7 * 3
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
-    for a, b in zip(chunked_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(chunked_grads, whole_grads):  # the head's gradient sums over chunks: another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_token_logps_never_forms_the_whole_logits_and_equals_them(small_data, monkeypatch):
+    """token_logps works from the hidden states, a chunk of positions at a time: the same values
+    and gradients as log_softmax of the model's whole (N, T, V) logits, and the head module that
+    would form those logits is never called."""
+    _, enc = small_data
+    pairs = dpo.off_policy_pairs(enc, sft.make_examples(3, seed=5), thinking=False)
+    ids, targets = dpo.pair_batch(pairs, pad_id(enc))
+    reference, chunked = tiny_model(), tiny_model()
+    logits = reference(ids)  # the whole logits, for the reference only
+    want = torch.log_softmax(logits / 1.3, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want = torch.where(targets != -100, want, 0.0)
+    monkeypatch.setattr(dpo, "LOGPS_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(chunked.lm_head, "forward", lambda h: pytest.fail("token_logps formed the whole logits"))
+    got = dpo.token_logps(chunked, ids, targets, temperature=1.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    weights = torch.linspace(-1, 1, got.shape[1])
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    for a, b in zip(chunked.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards(small_data):

@@ -235,6 +235,31 @@ def test_batch_ramp_values_and_rounding():
     assert batch_size_at(123, 64, 16, 0, 16) == 64                                   # no ramp
 
 
+def test_ramp_steps_reach_the_token_budget_and_stop():
+    from optim import batch_size_at, ramp_steps
+    for budget, full, start, ramp, multiple in ((8 * 16 * 64, 16, 4, 2048, 4), (10**9, 384, 96, 10**8, 96),
+                                               (5000, 16, 4, 0, 4)):
+        steps = ramp_steps(budget, 64, full, start, ramp, multiple)
+        seen = [0]
+        for _ in range(steps):
+            seen.append(seen[-1] + batch_size_at(seen[-1], full, start, ramp, multiple) * 64)
+        assert seen[-2] < budget <= seen[-1] < budget + full * 64  # one step more would be past it
+    assert ramp_steps(5000, 64, 16, 4, 0, 4) == -(-5000 // (16 * 64))  # no ramp: whole full batches
+    assert ramp_steps(8 * 16 * 64, 64, 16, 4, 2048, 4) == 12  # 4,4,4,8,8,12,16 then five more of 16
+
+
+def test_lr_schedule_on_tokens_takes_fractional_steps():
+    from optim import OptimConfig, lr_at
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=4, schedule="cosine")
+    assert lr_at(1.5, cfg, 10) == pytest.approx(2.5 / 4)  # in warmup, between steps 1 and 2
+    assert lr_at(3, cfg, 10) == lr_at(3.5, cfg, 10) == 1.0 > lr_at(4.5, cfg, 10)  # the peak, never above it
+    assert lr_at(9, cfg, 10) == pytest.approx(0.0) and lr_at(9.7, cfg, 10) == pytest.approx(0.0)
+    for schedule in ("cosine", "wsd", "constant"):
+        cfg.schedule = schedule
+        values = [lr_at(t / 10, cfg, 10) for t in range(100)]
+        assert max(values) == 1.0 and all(a >= b for a, b in zip(values[40:], values[41:]))  # decays after warmup
+
+
 def test_sqrt_lr_scaling():
     from optim import sqrt_lr_scale
     assert sqrt_lr_scale(1024, 256) == pytest.approx(2.0)       # 4x the batch: 2x the learning rate

@@ -517,26 +517,32 @@ def test_bad_optimizer_and_ramp_settings_stop_with_one_line(small_data, tmp_path
 def test_batch_ramp_grows_the_batch_counts_tokens_and_resumes_mid_ramp(small_data, tmp_path):
     """4 -> 16 sequences over 2048 tokens, micro-batches of 4 (so steps of 4 sequences), lr scaled
     by sqrt(batch / 16): the logged batch sizes follow batch_size_at of the tokens seen, tokens
-    add up step by step, and a run stopped mid-ramp resumes into the same figures. (A constant
-    schedule: cosine's values depend on max_steps, which the stopped run changes.)"""
+    add up step by step, the run trains on the tokens of max_steps full batches (in more steps),
+    the lr schedule runs on tokens and ends where the unramped one ends, and a run stopped
+    mid-ramp resumes into the same figures. (The resume part uses a constant schedule: cosine's
+    values depend on max_steps, which the stopped run changes.)"""
     from optim import batch_size_at, lr_at, sqrt_lr_scale
     ramp = {"train.global_batch_size": 16, "train.batch_ramp_start": 4, "train.batch_ramp_tokens": 2048,
-            "optim.lr_base_batch": 16, "optim.schedule": "constant",  # a schedule that does not depend on max_steps
-            "train.max_steps": 8, "train.ckpt_interval": 4, "train.eval_interval": 4}
-    full = run(small_data, tmp_path, "ramp", **ramp)
-    rows = [json.loads(line) for line in (Path(full["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            "optim.lr_base_batch": 16, "train.max_steps": 8, "train.ckpt_interval": 4, "train.eval_interval": 4}
+    cosine = run(small_data, tmp_path, "cosine", **{**ramp, "optim.schedule": "cosine", "optim.warmup_steps": 2})
+    rows = [json.loads(line) for line in (Path(cosine["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert [r["batch_size"] for r in steps] == [4, 4, 4, 8, 8, 12, 16, 16]
+    assert [r["batch_size"] for r in steps] == [4, 4, 4, 8, 8, 12] + [16] * 6  # 12 steps for 8 full batches
+    cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "x", **{**ramp, "optim.schedule": "cosine"}))
     tokens = 0
-    cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "x", **ramp))
     for r in steps:
         assert r["batch_size"] == batch_size_at(tokens, 16, 4, 2048, 4)
-        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg["optim"], 8) * sqrt_lr_scale(r["batch_size"], 16))
+        position = tokens / (16 * 64)  # full batches seen: the schedule's clock
+        assert r["lr"] == pytest.approx(lr_at(position, cfg["optim"], 8) * sqrt_lr_scale(r["batch_size"], 16))
         tokens += r["batch_size"] * 64
         assert r["tokens"] == tokens
-    assert full["tokens"] == tokens == 72 * 64
+    assert cosine["tokens"] == tokens == 136 * 64 and 8 * 16 * 64 <= tokens < 9 * 16 * 64
+    assert position == 7.5 and steps[-1]["lr"] == pytest.approx(cfg["optim"].min_lr, rel=0.05)  # decayed
 
-    run(small_data, tmp_path, "split", **{**ramp, "train.max_steps": 4})        # stops at 8 sequences, mid-ramp
+    ramp["optim.schedule"] = "constant"
+    full = run(small_data, tmp_path, "ramp", **ramp)
+    rows = [json.loads(line) for line in (Path(full["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    run(small_data, tmp_path, "split", **{**ramp, "train.max_steps": 4})  # 8 steps, 72 sequences: mid-ramp
     run(small_data, tmp_path, "split", **{**ramp, "train.resume": True})
     resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     drop = ("tok_per_s", "mfu")
