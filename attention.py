@@ -317,19 +317,24 @@ def use_flash_attention_4(device: torch.device) -> str | None:
     else why not (no package, another GPU, a torch without the hook).
 
     Exact attention like every SDPA kernel (same values up to bf16 rounding, tested on GPU), and
-    the fastest one at the 1B ablation shape on an H200: 2% more training tokens/s than cuDNN's
+    the fastest one at the 1B ablation shape on an H200: 1-2% more training tokens/s than cuDNN's
     (README, Benchmarks). PyTorch picks cuDNN before flash on Hopper, so cuDNN's SDPA is switched
     off: causal, unmasked attention then takes the flash slot, and masked SDPA calls (generation
     with a cache) fall to the memory-efficient kernel, as flash takes no mask."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return "FlashAttention-4 needs a Hopper (sm90) or Blackwell (sm100) GPU"
     try:
-        importlib.import_module("flash_attn.cute.interface")  # the kernels (compiled on first use) and CUTLASS
         from torch.nn.attention import (activate_flash_attention_impl, list_flash_attention_impls,
                                         register_flash_attention_impl)
         from torch.nn.attention._fa4 import register_flash_attention_fa4
+    except ImportError:
+        return f"torch {torch.__version__} has no FlashAttention-4 hook for SDPA (torch >= 2.11 has)"
+    try:
+        importlib.import_module("flash_attn.cute.interface")  # the kernels (compiled on first use) and CUTLASS
     except ImportError as e:
         return f"{e.msg}; install it with {FA4_INSTALL}"
+    except Exception as e:  # noqa: BLE001  (CUTLASS's CUDA checks at import: a wrong flavour, an old driver)
+        return f"flash-attn-4 does not load here ({type(e).__name__}: {e}); see {FA4_INSTALL}"
     if "FA4-nanoplaybook" not in list_flash_attention_impls():
         # torch imports the module named here and calls its _flash_attn_fwd/_bwd: the adapters above
         register_flash_attention_impl("FA4-nanoplaybook", register_fn=lambda: register_flash_attention_fa4(__name__))

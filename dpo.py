@@ -85,7 +85,7 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, targets
 
 
-LOGPS_CHUNK_TOKENS = 4096  # positions whose logits and float32 log-softmax exist at once (x 128k vocab x 4 B = 2 GiB)
+LOGPS_CHUNK_TOKENS = 4096  # positions whose logits and float32 log-softmax exist at once (~7 GiB at a 128k vocab)
 
 
 def _picked_logps(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
@@ -105,7 +105,9 @@ def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: fl
     The output head, the float32 log-softmax and the pick run LOGPS_CHUNK_TOKENS positions at a
     time from the model's hidden states and are recomputed in backward (activation
     checkpointing): at a 128k vocabulary no (N, T, V) tensor exists, neither the logits nor a
-    float32 copy nor their log-softmax, only one chunk's (4096 x 128k x 4 B = 2 GiB)."""
+    float32 copy nor their log-softmax, only one chunk's (bf16 logits and three float32 tensors of
+    4096 x 128k: ~7 GiB). `model` is a plain Transformer (LoRA-wrapped layers are fine; a compiled
+    or DDP-wrapped one would need its inner module)."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
         h = model.hidden_states(ids)
         flat, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)

@@ -555,12 +555,20 @@ def fa4_blocker(mcfg: ModelConfig, tcfg: TrainConfig) -> str | None:
     attention, or None. Flash kernels take no mask: only plain causal softmax attention reaches
     them, so document masking (a boolean mask for SDPA) has to be off."""
     if mcfg.attn_backend != "sdpa":
-        return f"model.attn_backend={mcfg.attn_backend!r}, and FlashAttention-4 sits behind SDPA"
+        return (f"model.attn_backend={mcfg.attn_backend!r}, and FlashAttention-4 sits behind SDPA "
+                f"(--model.attn_backend=sdpa)")
     if tcfg.document_masking:
         return ("train.document_masking=true hands SDPA a mask, which flash kernels do not take "
-                "(set it false for plain causal attention over packed windows)")
-    if mcfg.attn_type == "mla" or set(mcfg.layer_kinds()) != {"G"} or mcfg.attn_sinks or mcfg.dca_chunk_size:
-        return "the model has layers other than plain causal softmax attention (MLA, windows, chunks, linear, sinks or DCA)"
+                "(--train.document_masking=false for plain causal attention over packed windows)")
+    if tcfg.dtype == "float32":
+        return "train.dtype=float32, and flash kernels run bf16 only (--train.dtype=auto)"
+    others = [name for name, used in (("model.attn_type='mla'", mcfg.attn_type == "mla"),
+                                      (f"model.layer_pattern {mcfg.layer_kinds()!r}", set(mcfg.layer_kinds()) != {"G"}),
+                                      ("model.attn_sinks", mcfg.attn_sinks),
+                                      ("model.dca_chunk_size", bool(mcfg.dca_chunk_size))) if used]
+    if others:
+        return (f"{', '.join(others)}: attention other than plain causal softmax, which flash kernels do not "
+                f"compute (train.attention_kernel=auto or pytorch)")
     return None
 
 
@@ -733,18 +741,23 @@ def train(cfg: dict) -> dict:
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
         f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
-    # A batch ramp trains on the tokens of the unramped run (max_steps full batches), in more steps;
-    # the lr schedule then runs on tokens: a step's position is tokens seen / tokens of a full step.
+    # A batch ramp trains on the tokens of the unramped run (max_steps full batches), in more steps,
+    # and ends on tokens, not on a step count (a resume may change the shape of the remaining steps);
+    # its lr schedule runs on tokens too: a step's position is tokens seen / tokens of a full step.
+    token_budget = tcfg.max_steps * tokens_per_step
+
+    def finished(steps_done: int, tokens_seen: int) -> bool:
+        return tokens_seen >= token_budget if tcfg.batch_ramp_tokens else steps_done >= tcfg.max_steps
     total_steps = tcfg.max_steps
     if tcfg.batch_ramp_tokens:
-        total_steps = ramp_steps(tcfg.max_steps * tokens_per_step, tcfg.seq_len, global_batch, tcfg.batch_ramp_start,
+        total_steps = ramp_steps(token_budget, tcfg.seq_len, global_batch, tcfg.batch_ramp_start,
                                  tcfg.batch_ramp_tokens, per_micro)
     if device.type == "cuda" and mcfg.attn_backend == "sdpa":
         log(f"attention kernel: {attention_kernel}")
     if tcfg.batch_ramp_tokens:
         log(f"batch ramp: {tcfg.batch_ramp_start} -> {global_batch} sequences over the first "
-            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}; {total_steps} optimizer steps train "
-            f"the {tcfg.max_steps} full batches' {tcfg.max_steps * tokens_per_step:,} tokens, lr schedule on tokens")
+            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}; {total_steps} optimizer steps (from the "
+            f"start) train the {tcfg.max_steps} full batches' {token_budget:,} tokens, lr schedule on tokens")
     if ocfg.lr_base_batch:
         log(f"lr scaled by sqrt(batch / {ocfg.lr_base_batch}): x{sqrt_lr_scale(global_batch, ocfg.lr_base_batch):.3f} "
             f"at the full batch" + (" (Adam's rule, applied to Muon's groups too)" if ocfg.name == "muon" else ""))
@@ -765,7 +778,8 @@ def train(cfg: dict) -> dict:
         run_task_evals(0)
 
     t_last, tokens_last, paused = time.time(), tokens, 0.0  # paused: eval and checkpoint time, not training
-    for step in range(start_step, total_steps):
+    step = start_step
+    while not finished(step, tokens):
         batch = batch_size_at(tokens, global_batch, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens, per_micro)
         lr = lr_at(tokens / tokens_per_step if tcfg.batch_ramp_tokens else step, ocfg, tcfg.max_steps)
         if ocfg.lr_base_batch:
@@ -819,8 +833,9 @@ def train(cfg: dict) -> dict:
         moe_row = end_moe_step(model) if mcfg.moe else {}  # load metrics; the aux-loss-free bias update
         tokens += batch * tcfg.seq_len
         done = step + 1
+        last = finished(done, tokens)
 
-        if done % tcfg.log_interval == 0 or done == total_steps:
+        if done % tcfg.log_interval == 0 or last:
             loss_avg = all_reduce_mean(parts_sum["loss"], device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -845,19 +860,20 @@ def train(cfg: dict) -> dict:
             t_last, tokens_last, paused = time.time(), tokens, 0.0
 
         t_pause = time.time()
-        if done % tcfg.eval_interval == 0 or done == total_steps:
+        if done % tcfg.eval_interval == 0 or last:
             val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast,
                                 tcfg.document_masking)
             record({"step": done, "tokens": tokens, "val_loss": val_loss})
             log(f"step {done:>6} | val_loss {val_loss:.4f}")
             run_task_evals(done)
-        if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or done == total_steps:
+        if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or last:
             path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded,
                                    spikes)
             log(f"saved {path}")
         paused += time.time() - t_pause
+        step = done
 
-    summary = {"run_dir": str(run_dir), "steps": total_steps, "tokens": tokens, "val_loss": val_loss}
+    summary = {"run_dir": str(run_dir), "steps": step, "tokens": tokens, "val_loss": val_loss}
     sample_model = model
     if sharded and tcfg.sample_tokens:
         # generation is sequential and small: gather the full weights into a plain model on rank 0

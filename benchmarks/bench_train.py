@@ -290,6 +290,8 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
+    for spec in args.inductor:  # a bad setting stops here, not after the first variant has run
+        inductor_settings(spec)
     if args.grad_accum < 1 or (args.fsdp and args.grad_accum != 1):
         raise SystemExit(f"--grad-accum {args.grad_accum}: give a count >= 1 (and leave it at 1 with --fsdp)")
     if args.fsdp:
@@ -324,8 +326,9 @@ def main() -> None:
         world = dist.get_world_size()
         meta["world_size"] = world
         for backend in args.backends.split(","):
-            results[f"ours[{backend}, fsdp x{world}]"] = r = bench_fsdp(
-                copy.deepcopy(cfg), args.micro_batch, args.steps, args.warmup, backend, compiled)
+            with torch._inductor.config.patch(INDUCTOR_GPU_SETTINGS):
+                results[f"ours[{backend}, fsdp x{world}]"] = r = bench_fsdp(
+                    copy.deepcopy(cfg), args.micro_batch, args.steps, args.warmup, backend, compiled)
             if dist.get_rank() == 0:
                 print(f"ours[{backend}, fsdp x{world}]  {r['tok_per_s']:>10,.0f} tok/s per GPU  MFU "
                       f"{100 * (r['mfu'] or 0):5.1f}%  peak {r['peak_mem_gib']:6.1f} GiB", flush=True)
@@ -343,8 +346,9 @@ def main() -> None:
     if args.doc_masking:
         doc = corpus_doc_ids(args.micro_batch, cfg["train"].seq_len)
         meta["docs_per_window"] = float((doc[:, -1] + 1).float().mean())
-        run("ours[flex, doc mask]", bench_ours, args.micro_batch, args.steps, args.warmup, "flex", doc, compiled,
-            args.activation_checkpointing, None, args.compile_mode, args.compile_per_block, args.grad_accum)
+        with torch._inductor.config.patch(INDUCTOR_GPU_SETTINGS):
+            run("ours[flex, doc mask]", bench_ours, args.micro_batch, args.steps, args.warmup, "flex", doc, compiled,
+                args.activation_checkpointing, None, args.compile_mode, args.compile_per_block, args.grad_accum)
     if args.vs_hf:
         run("hf[llama, compiled]", bench_hf, args.micro_batch, args.steps, args.warmup, not args.no_compile,
             args.grad_accum)

@@ -215,8 +215,9 @@ def test_flash_attention_4_is_refused_with_the_reason_where_it_cannot_run(tmp_pa
     # flash kernels take no mask: settings whose attention would never reach them are refused up front
     for overrides, reason in ((["--model.attn_backend=flex"], "model.attn_backend='flex'"),
                               ([], "train.document_masking=true hands SDPA a mask"),
+                              (["--train.document_masking=false", "--train.dtype=float32"], "train.dtype=float32"),
                               (["--train.document_masking=false", "--model.sliding_window=16"],
-                               "the model has layers other than plain causal")):
+                               "model.layer_pattern 'SSSS': attention other than plain causal")):
         with pytest.raises(ConfigError, match=f"train.attention_kernel=fa4 would never run: {reason}"):
             load_config(None, ["--train.attention_kernel=fa4", *overrides])
     load_config(None, ["--train.attention_kernel=fa4", "--train.document_masking=false"])  # plain causal: fine

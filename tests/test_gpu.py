@@ -30,19 +30,25 @@ def pytorch_attention_kernels_after_each_test():
     """train.py switches SDPA to FlashAttention-4 for the whole process when it can; each test
     starts from PyTorch's own kernels again."""
     yield
-    from torch.nn.attention import restore_flash_attention_impl
-    restore_flash_attention_impl()
+    if _has_flash_attention_4():  # only then can a test have switched it on
+        from torch.nn.attention import restore_flash_attention_impl
+        restore_flash_attention_impl()
     torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 @needs_fa4
-def test_flash_attention_4_computes_what_pytorch_attention_computes():
+def test_flash_attention_4_computes_what_pytorch_attention_computes(monkeypatch):
     """GQA causal attention and its gradients through SDPA: FlashAttention-4's error against a
-    float32 reference is within twice that of PyTorch's own bf16 kernel."""
+    float32 reference is within twice that of PyTorch's own bf16 kernel, and the flash slot really
+    ran FlashAttention-4 (through the adapter torch calls), not PyTorch's own flash kernel."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import attention
     from attention import use_flash_attention_4
+    calls = []
+    real_forward = attention._flash_attn_fwd
+    monkeypatch.setattr(attention, "_flash_attn_fwd", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
     if torch.cuda.get_device_capability()[0] not in (9, 10):
         pytest.skip("FlashAttention-4 runs on Hopper and Blackwell GPUs")
     torch.manual_seed(0)
@@ -61,6 +67,7 @@ def test_flash_attention_4_computes_what_pytorch_attention_computes():
     assert use_flash_attention_4(torch.device("cuda")) is None
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # FlashAttention-4 now sits behind this one
         fa4_bf16 = outputs(torch.bfloat16)
+    assert calls, "SDPA's flash slot did not reach FlashAttention-4"
     for name, w, ours, theirs in zip(("out", "dq", "dk", "dv"), want, fa4_bf16, pytorch_bf16):
         assert (ours - w).abs().max() <= 2 * (theirs - w).abs().max() + 1e-3, name
 
@@ -84,16 +91,27 @@ def test_fused_loss_under_bf16_autocast_matches_float32_reference():
 
 @pytest.mark.parametrize("backend, kernel", [("sdpa", "pytorch"), ("flex", "auto"),
                                              pytest.param("sdpa", "fa4", marks=needs_fa4)])
-def test_compiled_bf16_training_on_gpu_lowers_the_loss(small_data, tmp_path, backend, kernel):
+def test_compiled_bf16_training_on_gpu_lowers_the_loss(small_data, tmp_path, backend, kernel, capsys, monkeypatch):
+    """fa4: plain causal attention (no document mask) at head_dim 64, FlashAttention-4's home
+    ground, and every attention call of the compiled graph goes through its adapter."""
+    import attention
+    calls = []
+    real_forward = attention._flash_attn_fwd
+    monkeypatch.setattr(attention, "_flash_attn_fwd", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    fa4 = {"train.document_masking": False, "model.d_model": 256, "model.d_ff": 512} if kernel == "fa4" else {}
     args = tiny_overrides(small_data[0], tmp_path, f"gpu-{backend}", **{
         "train.device": "cuda", "train.compile": "true", "model.attn_backend": backend, "train.max_steps": 30,
         "train.eval_interval": 30, "train.ckpt_interval": 30, "train.micro_batch_size": 8,
-        "train.attention_kernel": kernel, "train.document_masking": kernel != "fa4"})
+        "train.attention_kernel": kernel, **fa4})
     train(load_config(None, args))
     rows = [json.loads(line) for line in (tmp_path / f"gpu-{backend}" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert val[-1] < val[0] - 0.5
     assert all("mfu" in r for r in rows if "loss" in r)  # peak FLOP rate known for this GPU
+    if kernel == "fa4":
+        assert "attention kernel: FlashAttention-4" in capsys.readouterr().out and calls
+    else:
+        assert not calls
 
 
 def test_gpu_generation_cached_equals_uncached():

@@ -549,6 +549,13 @@ def test_batch_ramp_grows_the_batch_counts_tokens_and_resumes_mid_ramp(small_dat
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
            [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
+    # a ramped run ends on tokens: resumed with a new shape, it stops once the new budget is reached
+    run(small_data, tmp_path, "reshaped", **{**ramp, "train.max_steps": 4})  # 72 sequences x 64 = 4608 tokens
+    reshaped = run(small_data, tmp_path, "reshaped", **{**ramp, "train.max_steps": 16, "train.seq_len": 32,
+                                                         "train.resume": True})
+    budget, full_step = 16 * 16 * 32, 16 * 32
+    assert budget <= reshaped["tokens"] < budget + full_step and reshaped["steps"] == 8 + 7
+
 
 @pytest.mark.slow
 def test_muon_under_fsdp_matches_one_process_and_resumes_from_shards(small_data, tmp_path):
