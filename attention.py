@@ -162,14 +162,16 @@ def mask_predicate(doc_ids: torch.Tensor | None, window: int = 0, chunk: int = 0
 
 
 def attention_mask(doc_ids: torch.Tensor | None, n_queries: int, n_keys: int, window: int = 0,
-                   chunk: int = 0, q_offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+                   chunk: int = 0, q_offset: int = 0, device: torch.device | str | None = None,
+                   k_offset: int = 0) -> torch.Tensor:
     """Boolean mask (B or 1, 1, n_queries, n_keys) from `mask_predicate`; query i sits at position
-    q_offset + i (generation with a cache), key j at position j."""
+    q_offset + i (generation with a cache), key j at position k_offset + j (a windowed cache keeps
+    only the latest keys)."""
     device = doc_ids.device if doc_ids is not None else device
     B = doc_ids.shape[0] if doc_ids is not None else 1
     b = torch.arange(B, device=device)[:, None, None]
     q_idx = torch.arange(q_offset, q_offset + n_queries, device=device)[None, :, None]
-    kv_idx = torch.arange(n_keys, device=device)[None, None, :]
+    kv_idx = torch.arange(k_offset, k_offset + n_keys, device=device)[None, None, :]
     return mask_predicate(doc_ids, window, chunk)(b, q_idx, kv_idx)[:, None]
 
 
@@ -268,7 +270,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
 
     Training passes the mask `build_attention_mask` made for the layer's kind. Generation with a
     cache passes q_offset (the position of the first query) instead, and the mask is rebuilt here
-    from positions, on SDPA (decoding one document at a time, never across documents)."""
+    from positions, on SDPA (decoding one document at a time, never across documents). The keys
+    are always the latest ones, ending with the queries' own: a windowed cache passes fewer."""
     if q_offset is not None:
         Tq, Tk = q.shape[2], k.shape[2]
         if sinks is None and not window and not chunk:
@@ -277,7 +280,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
             allowed = torch.arange(Tk, device=q.device)[None, :] <= \
                 (q_offset + torch.arange(Tq, device=q.device))[:, None]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
-        mask, backend = attention_mask(None, Tq, Tk, window, chunk, q_offset, q.device), "sdpa"
+        mask, backend = attention_mask(None, Tq, Tk, window, chunk, q_offset, q.device,
+                                       k_offset=q_offset + Tq - Tk), "sdpa"
     if sinks is not None:
         if backend == "flex":
             # With Z the softmax sum, adding exp(sink) to it rescales the output by Z / (Z + e^sink).
@@ -393,15 +397,24 @@ class KVCache:
     Only n_kv_heads heads are stored: that is the whole point of MQA/GQA at inference. MLA stores
     its latent in the key slot and its shared RoPE key in the value slot (one "head", value_dim =
     the RoPE width). `layers` lists the layers that own a slot when some layers need none (linear
-    attention keeps a fixed-size state per layer in `states` instead)."""
+    attention keeps a fixed-size state per layer in `states` instead). `spans` gives layers that
+    see at most `span` tokens (a sliding window, or a chunk) a buffer of their last span - 1 keys
+    instead of a slot: Gemma 3's and Llama 4's local layers then cache a constant amount, whatever
+    the length, which is why those models interleave them."""
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, value_dim: int | None = None,
-                 layers: list[int] | None = None):
-        self.slot = {layer: i for i, layer in enumerate(range(n_layers) if layers is None else layers)}
+                 layers: list[int] | None = None, spans: dict[int, int] | None = None):
+        spans = spans or {}
+        layers = [i for i in (range(n_layers) if layers is None else layers) if i not in spans]
+        self.slot = {layer: i for i, layer in enumerate(layers)}
         shape = (len(self.slot), batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape[:-1] + (value_dim or head_dim,), dtype=dtype, device=device)
+        # right-aligned: the newest key last, the last min(pos, span - 1) positions valid
+        self.recent = {layer: (torch.zeros(shape[1:3] + (span - 1, head_dim), dtype=dtype, device=device),
+                               torch.zeros(shape[1:3] + (span - 1, value_dim or head_dim), dtype=dtype, device=device))
+                       for layer, span in spans.items()}
         self.states: dict[int, torch.Tensor] = {}
         self.pos = 0  # tokens already stored; advanced by the model after every layer has written
 
@@ -412,6 +425,10 @@ class KVCache:
         return self.pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's keys and values; return every key and value its queries may see, the
+        latest ones, ending with the new (all of them from position 0 for a layer with a slot)."""
+        if layer in self.recent:
+            return self._update_recent(layer, k, v)
         T, i = k.shape[2], self.slot[layer]
         if self.pos + T > self.k.shape[3]:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.k.shape[3]} slots")
@@ -419,8 +436,21 @@ class KVCache:
         self.v[i, :, :, self.pos:self.pos + T] = v
         return self.k[i, :, :, :self.pos + T], self.v[i, :, :, :self.pos + T]
 
+    def _update_recent(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept_k, kept_v = self.recent[layer]
+        keep = kept_k.shape[2]
+        n_prev = min(self.pos, keep)
+        k_all = torch.cat([kept_k[:, :, keep - n_prev:], k], dim=2)
+        v_all = torch.cat([kept_v[:, :, keep - n_prev:], v], dim=2)
+        n_new = min(keep, k_all.shape[2])  # the latest span - 1 positions are what the next tokens need
+        if n_new:
+            kept_k[:, :, keep - n_new:] = k_all[:, :, k_all.shape[2] - n_new:]
+            kept_v[:, :, keep - n_new:] = v_all[:, :, v_all.shape[2] - n_new:]
+        return k_all, v_all
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.k, self.v, *self.states.values()])
+        buffers = [t for pair in self.recent.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in [self.k, self.v, *buffers, *self.states.values()])
 
 
 class StreamingKVCache(KVCache):
