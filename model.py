@@ -557,14 +557,14 @@ class Transformer(nn.Module):
         cfg, p = self.cfg, self.lm_head.weight
         kinds = cfg.layer_kinds()
         attn_layers = [i for i, kind in enumerate(kinds) if kind != "L"]
+        # sliding-window and chunked layers keep only their last span - 1 keys (KVCache.recent)
+        spans = {} if cfg.dca_chunk_size else {i: cfg.sliding_window if kinds[i] == "S" else cfg.attn_chunk_size
+                                                 for i in attn_layers if kinds[i] in "SC"}
         if cfg.attn_type == "mla":
             rope_dim, rank = cfg.mla_dims
             cache = KVCache(len(attn_layers), batch_size, 1, max_len or cfg.max_seq_len, rank, p.dtype, p.device,
-                            value_dim=rope_dim, layers=attn_layers)
+                            value_dim=rope_dim, layers=attn_layers, spans=spans)
         else:
-            # sliding-window and chunked layers keep only their last span - 1 keys (KVCache.recent)
-            spans = {} if cfg.dca_chunk_size else {i: cfg.sliding_window if kinds[i] == "S" else cfg.attn_chunk_size
-                                                     for i in attn_layers if kinds[i] in "SC"}
             cache = KVCache(len(attn_layers), batch_size, cfg.n_kv_heads, max_len or cfg.max_seq_len,
                             cfg.head_dim, p.dtype, p.device, layers=attn_layers, spans=spans)
         for i, kind in enumerate(kinds):

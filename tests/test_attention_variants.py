@@ -484,6 +484,10 @@ def test_local_layers_cache_only_their_span_whatever_the_length():
         for length in (40, 400):
             cache = m.new_kv_cache(batch_size=1, max_len=length)
             assert cache.nbytes() == per_layer_token * (length + local * (span - 1)), (pattern, length)
+    mla = Transformer(tiny(n_layers=2, layer_pattern="SG", attn_type="mla", sliding_window=7, kv_lora_rank=12,
+                           mla_rope_dim=4, max_seq_len=400))
+    per_mla_token = kv_values_per_token(1, 0, kv_lora_rank=12, rope_dim=4) * 4  # float32 latent + RoPE key
+    assert mla.new_kv_cache(1, 400).nbytes() == per_mla_token * (400 + 6)
     gemma3 = tiny(n_layers=6, layer_pattern="SSSSSG", sliding_window=1024, d_model=32, n_heads=4, n_kv_heads=2,
                   max_seq_len=32768)
     full = tiny(n_layers=6, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32768)
