@@ -516,6 +516,16 @@ class HeadRMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def fused_projections(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """x through several bias-free linear layers with one GEMM on their concatenated weights
+    (attention's Q/K/V, the MLP's gate/up). A layer carrying a low-rank adapter (sft.LoRALinear)
+    adds its own s (x A^T) B^T to its output, so the adapted (out x in) weight is never formed and
+    the frozen weight gets no weight-sized gradient."""
+    weights = [getattr(layer, "base", layer).weight for layer in layers]
+    outs = F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
+    return [out + layer.low_rank(x) if hasattr(layer, "low_rank") else out for out, layer in zip(outs, layers)]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with n_kv_heads shared key/value heads (MHA, GQA, MQA), no biases.
 
@@ -553,11 +563,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
                 kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        # One matmul for Q, K and V (weights concatenated): the K and V projections are thin
-        # (n_kv_heads * head_dim columns) and one wide GEMM keeps a GPU busier than three.
-        w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, k, v = F.linear(x, w_qkv).split([self.q_proj.out_features, self.k_proj.out_features,
-                                            self.v_proj.out_features], dim=-1)
+        # One matmul for Q, K and V: the K and V projections are thin (n_kv_heads * head_dim
+        # columns) and one wide GEMM keeps a GPU busier than three.
+        q, k, v = fused_projections(x, [self.q_proj, self.k_proj, self.v_proj])
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
-                       StreamingKVCache, build_attention_mask, rope_frequencies, rope_layers)
+                       StreamingKVCache, build_attention_mask, fused_projections, rope_frequencies, rope_layers)
 
 if TYPE_CHECKING:  # annotations only: the architecture does not need a tokenizer
     import tiktoken
@@ -314,8 +314,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate and up share one matmul (weights concatenated): one wide GEMM instead of two
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate, up = fused_projections(x, [self.gate_proj, self.up_proj])  # one wide GEMM instead of two
         return self.down_proj(F.silu(gate) * up)
 
 

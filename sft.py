@@ -274,13 +274,18 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        # The model fuses projections by concatenating their .weight (QKV, gate/up), so the adapter
-        # shows up as an effective weight W + s B A. PEFT computes x A^T B^T instead, which never forms
-        # an (out x in) matrix; at these sizes the difference is small.
+        """The adapted weight W + s B A, for whoever reads weights rather than calling the layer
+        (merging; MLA's absorbed generation path). Training never forms it."""
         return self.base.weight + self.scale * self.lora_b @ self.lora_a
 
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """s (x A^T) B^T: the adapter's share of the output, through the rank-r bottleneck (as PEFT
+        computes it): no (out x in) matrix, and the frozen W gets no weight gradient. The model's
+        fused projections (attention.fused_projections) add it to their slice of the fused GEMM."""
+        return self.scale * nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.base.bias)
+        return nn.functional.linear(x, self.base.weight, self.base.bias) + self.low_rank(x)
 
     def merged(self) -> nn.Linear:
         """A plain linear layer with the adapter folded into its weight (same outputs)."""

@@ -194,6 +194,32 @@ def test_lora_starts_as_the_base_trains_only_adapters_and_merges_exactly():
     torch.testing.assert_close(model(x), tuned, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_trains_through_the_rank_r_bottleneck_as_the_adapted_weight_would(monkeypatch):
+    """The forward and backward never form W + s B A (the fused Q/K/V and gate/up projections add
+    s (x A^T) B^T to their slices), yet give the loss and adapter gradients of the adapted weights."""
+    import copy
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    model = tiny_model()
+    add_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.02)  # not zero, so the adapters change the outputs
+    merged = copy.deepcopy(model)
+    merge_lora(merged)  # plain linears holding W + s B A
+    want = merged(x, y)[0]
+    monkeypatch.setattr(LoRALinear, "weight", property(lambda self: pytest.fail("formed W + s B A")))
+    loss = model(x, y)[0]
+    loss.backward()
+    torch.testing.assert_close(loss, want)
+    want.backward()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):  # dL/dB = s dL/dW A^T and dL/dA = s B^T dL/dW, from the merged weight
+            grad_w = dict(merged.named_modules())[name].weight.grad
+            torch.testing.assert_close(m.lora_b.grad, m.scale * grad_w @ m.lora_a.detach().T, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(m.lora_a.grad, m.scale * m.lora_b.detach().T @ grad_w, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_finetune_lowers_the_loss_and_writes_a_loadable_model(small_data, tmp_path, device):
