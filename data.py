@@ -168,15 +168,38 @@ class DataConfig:
     num_workers: int = 0           # tokenizing processes; 0 = one per CPU core (at most 8)
     tokenizer_train_bytes: int = 0  # 0 = tokenizer.py's default sample size
     max_docs: int = 0              # use at most this many documents per source (0: all); for smoke tests
+    # Later mixture stages in one run (SmolLM3: three, the last an annealing on higher-quality data):
+    # stage k + 1 draws with stage_weights[k] from stage_starts[k] (a fraction of the run) on;
+    # data.weights is the first stage, and the validation mixture throughout.
+    stage_starts: tuple[float, ...] = ()
+    stage_weights: tuple[dict[str, float], ...] = ()
 
     def __post_init__(self):
-        if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
-            raise ValueError(f"data.weights must map source names to non-negative weights with a positive "
-                             f"sum, got {self.weights}; e.g. {DEFAULT_WEIGHTS}")
+        for key, weights in [("data.weights", self.weights)] + [
+                (f"data.stage_weights[{k}]", w) for k, w in enumerate(self.stage_weights)]:
+            if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ValueError(f"{key} must map source names to non-negative weights with a positive "
+                                 f"sum, got {weights}; e.g. {DEFAULT_WEIGHTS}")
+        if len(self.stage_starts) != len(self.stage_weights):
+            raise ValueError(f"data.stage_starts has {len(self.stage_starts)} entries and data.stage_weights "
+                             f"{len(self.stage_weights)}: give one start (a fraction of the run) per later stage")
+        points = (0.0, *self.stage_starts, 1.0)
+        if any(a >= b for a, b in zip(points, points[1:])):
+            raise ValueError(f"data.stage_starts={list(self.stage_starts)} must rise strictly inside (0, 1): "
+                             f"fractions of the run where each later stage begins")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.max_docs < 0 or self.num_workers < 0 or self.tokenizer_train_bytes < 0:
             raise ValueError("data.max_docs, data.num_workers and data.tokenizer_train_bytes must be >= 0")
+
+    def weights_at(self, progress: float) -> dict[str, float]:
+        """The mixture of the stage that holds `progress`, the fraction of the run done (0 to 1)."""
+        stage = sum(start <= progress for start in self.stage_starts)
+        return self.stage_weights[stage - 1] if stage else self.weights
+
+    def sources(self) -> list[str]:
+        """Every source some stage draws from, in first-mention order."""
+        return list(dict.fromkeys(s for w in (self.weights, *self.stage_weights) for s, x in w.items() if x > 0))
 
     def tokenizer_path(self, vocab_size: int) -> Path:
         return Path(self.dir) / f"vocab{vocab_size}" / "tokenizer.json"
@@ -369,7 +392,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print):
         import time
         make_it = (f"`python tokenizer.py --vocab-size {vocab_size} --files ... --max-bytes 200000000 "
                    f"--out {tok_path}`")
-        own = [s for s, w in cfg.weights.items() if w and s not in SOURCES]
+        own = [s for s in cfg.sources() if s not in SOURCES]
         if own:  # a tokenizer for your data is trained on your data, not on the embedded sample
             raise FileNotFoundError(f"no tokenizer at {tok_path} for data source(s) {own}: make it from your files "
                                     f"first with {make_it}, then their shards with `python data.py --source ...`")
@@ -388,9 +411,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print):
     if enc.n_vocab != vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {enc.n_vocab} tokens but model.vocab_size={vocab_size}")
     out = cfg.shard_dir(vocab_size)
-    for source, weight in cfg.weights.items():
-        if weight == 0:
-            continue
+    for source in cfg.sources():
         if shard_paths(out, source, "train") and shard_paths(out, source, "val"):
             continue
         if source not in SOURCES:
@@ -460,11 +481,11 @@ class MixtureLoader:
     there (each source still continues its own permutation, so nothing is repeated early)."""
 
     def __init__(self, shard_dir: str | os.PathLike, weights: dict[str, float], split: str, seq_len: int,
-                 seed: int, eot: int, rank: int = 0, world_size: int = 1, fingerprint: int | None = None):
-        active = {s: w for s, w in weights.items() if w > 0}
-        total = sum(active.values())
-        self.names = list(active)
-        self.weights = np.array([active[s] / total for s in self.names])
+                 seed: int, eot: int, rank: int = 0, world_size: int = 1, fingerprint: int | None = None,
+                 sources: list[str] | None = None):
+        # `sources`: every source a later stage may draw from (DataConfig.sources), opened now
+        self.names = list(sources) if sources else [s for s, w in weights.items() if w > 0]
+        self.weights = self._normalized(weights)
         self.sources = []
         for s in self.names:
             paths = shard_paths(shard_dir, s, split)
@@ -477,6 +498,23 @@ class MixtureLoader:
         self.counts = np.zeros(len(self.names), dtype=np.int64)
         self.stage_samples, self.stage_counts = 0, np.zeros(len(self.names), dtype=np.int64)
         self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _normalized(self, weights: dict[str, float]) -> np.ndarray:
+        unknown = [s for s, w in weights.items() if w > 0 and s not in self.names]
+        if unknown:
+            raise ValueError(f"sources {unknown} were not opened by this loader (it has {self.names})")
+        w = np.array([float(weights.get(s, 0.0)) for s in self.names])
+        return w / w.sum()
+
+    def set_weights(self, weights: dict[str, float]) -> bool:
+        """Switch to another mixture (a new stage of the run); returns True when it differs. Deficits
+        then count from here, as on a resume with new weights."""
+        new = self._normalized(weights)
+        if np.allclose(new, self.weights, rtol=0, atol=1e-9):
+            return False
+        self.weights = new
+        self.stage_samples, self.stage_counts = self.samples, self.counts.copy()
+        return True
 
     def _window_index(self, s: int, count: int) -> int:
         n = len(self.sources[s])

@@ -609,6 +609,11 @@ def train(cfg: dict) -> dict:
                               f"change one of them")
     global_batch = tcfg.micro_batch_size * accum * world
     per_micro = tcfg.micro_batch_size * world  # sequences one micro-batch on every rank adds to a step
+
+    def schedule_position(step: int, tokens_seen: int) -> float:
+        """Where a step stands in the run, in full-batch steps: the clock of the lr schedule and of
+        the data stages (with a batch ramp it counts tokens, not the more numerous small steps)."""
+        return tokens_seen / (global_batch * tcfg.seq_len) if tcfg.batch_ramp_tokens else step
     if tcfg.batch_ramp_start and (tcfg.batch_ramp_start % per_micro or tcfg.batch_ramp_start >= global_batch):
         raise ConfigError(f"train.batch_ramp_start={tcfg.batch_ramp_start} must be a multiple of train.micro_batch_size "
                           f"x processes = {tcfg.micro_batch_size} x {world} and below the global batch {global_batch}")
@@ -629,8 +634,9 @@ def train(cfg: dict) -> dict:
             enc = prepare_data(dcfg, mcfg.vocab_size, log)
         fingerprint = tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size))
         shard_dir = dcfg.shard_dir(mcfg.vocab_size)
-        loader = MixtureLoader(shard_dir, dcfg.weights, "train", tcfg.seq_len, dcfg.seed, eot_id(enc), rank, world,
-                               fingerprint)
+        resume_position = schedule_position(saved["step"], saved["tokens"]) if saved else 0
+        loader = MixtureLoader(shard_dir, dcfg.weights_at(resume_position / tcfg.max_steps), "train", tcfg.seq_len,
+                               dcfg.seed, eot_id(enc), rank, world, fingerprint, sources=dcfg.sources())
         # every rank walks the whole validation sequence; evaluate() deals its batches out
         val_loader = MixtureLoader(shard_dir, dcfg.weights, "val", tcfg.seq_len, dcfg.seed, eot_id(enc),
                                    fingerprint=fingerprint)
@@ -696,7 +702,7 @@ def train(cfg: dict) -> dict:
             group.update(setting)
         new_stage = loader.load_state_dict(saved["loader"])
         if new_stage:  # a curriculum stage, or an annealing run: resume a mid checkpoint with a new mix
-            log(f"data.weights differ from the checkpoint's: a new mixture stage starts at sample {loader.samples:,}")
+            log(f"the mixture differs from the checkpoint's: a new mixture stage starts at sample {loader.samples:,}")
         if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
             log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
                 f"each source continues at the same position of its new window order")
@@ -738,6 +744,8 @@ def train(cfg: dict) -> dict:
             f"before warmup ends at {ocfg.warmup_steps}: the learning rate jumps when warmup hands over")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
         f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
+    for start, weights in zip(dcfg.stage_starts, dcfg.stage_weights):
+        log(f"data stage from {start:.0%} of the run: {', '.join(f'{n} {w:g}' for n, w in weights.items())}")
     log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
         f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
         f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
@@ -781,7 +789,13 @@ def train(cfg: dict) -> dict:
     step = start_step
     while not finished(step, tokens):
         batch = batch_size_at(tokens, global_batch, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens, per_micro)
-        lr = lr_at(tokens / tokens_per_step if tcfg.batch_ramp_tokens else step, ocfg, tcfg.max_steps)
+        position = schedule_position(step, tokens)
+        lr = lr_at(position, ocfg, tcfg.max_steps)
+        if dcfg.stage_starts and loader.set_weights(dcfg.weights_at(position / tcfg.max_steps)):
+            log(f"step {step:>6} | data stage {sum(s <= position / tcfg.max_steps for s in dcfg.stage_starts) + 1}: "
+                f"{', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}")
+            if spikes:  # a new mixture has losses of its own
+                spikes.history = {"loss": [], "grad_norm": []}
         if ocfg.lr_base_batch:
             lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
         for group in optimizer.param_groups:

@@ -172,6 +172,35 @@ def test_resume_keeps_the_split_but_takes_new_optimizer_settings_and_mixture_sta
     assert abs(stage_mix["code"] - 0.8 * sum(stage_mix.values())) <= 1  # the new weights, from the stage start
 
 
+def test_mixture_stages_in_one_run_switch_where_the_config_says_and_resume_across(small_data, tmp_path):
+    """data.stage_starts / data.stage_weights (SmolLM3's stages, an annealing stage) in one config:
+    the first half of the run draws with data.weights, the second only math; resumed from the
+    checkpoint before the switch, the run gives the uninterrupted run's rows."""
+    import shutil
+    from data import DEFAULT_WEIGHTS
+    stages = {"train.max_steps": 6, "train.ckpt_interval": 3, "train.eval_interval": 3,
+              "data.stage_starts": [0.5], "data.stage_weights": [{"math": 1.0}]}
+    run(small_data, tmp_path, "staged", **stages)
+    mid, end = (torch.load(p, weights_only=False)["loader"] for p in checkpoint_paths(tmp_path / "staged"))
+    for source, weight in DEFAULT_WEIGHTS.items():  # 3 steps of the first stage
+        assert abs(mid["counts"][source] - weight * mid["samples"]) <= 1
+    grew = {s: end["counts"][s] - mid["counts"][s] for s in end["counts"]}
+    assert grew == {"prose": 0, "code": 0, "math": end["samples"] - mid["samples"]} and grew["math"] > 0
+    rows = (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()
+
+    shutil.copytree(tmp_path / "staged", tmp_path / "crashed")  # as if the job died after step 3
+    (tmp_path / "crashed" / "ckpt_0000006.pt").unlink()
+    run(small_data, tmp_path, "crashed", **{**stages, "train.resume": True})
+    drop = ("tok_per_s", "mfu")
+    resumed = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    assert [{k: v for k, v in json.loads(r).items() if k not in drop} for r in resumed] == \
+           [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]
+    with pytest.raises(ConfigError, match="data.stage_starts has 1 entries and data.stage_weights 0"):
+        load_config(None, ["--data.stage_starts=[0.5]"])
+    with pytest.raises(ConfigError, match=r"data.stage_starts=\[0.6, 0.4\] must rise strictly inside \(0, 1\)"):
+        load_config(None, ["--data.stage_starts=[0.6, 0.4]", "--data.stage_weights=[{math = 1.0}, {code = 1.0}]"])
+
+
 def test_a_fresh_start_starts_a_fresh_metrics_file(small_data, tmp_path):
     """A run that crashed before its first checkpoint and is started again (e.g. a requeued Slurm
     job with --train.resume) must not keep the first attempt's rows."""
