@@ -192,9 +192,14 @@ class DataConfig:
         if self.max_docs < 0 or self.num_workers < 0 or self.tokenizer_train_bytes < 0:
             raise ValueError("data.max_docs, data.num_workers and data.tokenizer_train_bytes must be >= 0")
 
+    def stage_at(self, progress: float) -> int:
+        """0 for data.weights' stage, k for the stage stage_starts[k - 1] begins; progress is the
+        fraction of the run done (0 to 1)."""
+        return sum(start <= progress for start in self.stage_starts)
+
     def weights_at(self, progress: float) -> dict[str, float]:
-        """The mixture of the stage that holds `progress`, the fraction of the run done (0 to 1)."""
-        stage = sum(start <= progress for start in self.stage_starts)
+        """The mixture of the stage that holds `progress`."""
+        stage = self.stage_at(progress)
         return self.stage_weights[stage - 1] if stage else self.weights
 
     def sources(self) -> list[str]:

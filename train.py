@@ -344,8 +344,12 @@ class SpikeSkipper:
 
     def __init__(self, sigma: float, window: int):
         self.sigma, self.window = sigma, window
-        self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        self.restart()
         self.skipped = self.in_a_row = self.level_shifts = 0
+
+    def restart(self) -> None:
+        """Forget the history: judge from here on (a new level, a new data stage)."""
+        self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
 
     def check(self, loss: float, grad_norm: float) -> str:
         """'' to take the step, else why it is skipped (the step is then counted in `skipped`)."""
@@ -361,7 +365,7 @@ class SpikeSkipper:
                     why = why or (f"{name} {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} std above the "
                                   f"mean {mean:.4g} of the last {len(past)} steps")
         if why and finite and self.in_a_row + 1 >= self.window // 4:
-            self.history = {"loss": [], "grad_norm": []}  # a new level: judge from here on
+            self.restart()  # a new level
             self.level_shifts += 1
             why = ""
         if why:
@@ -791,11 +795,12 @@ def train(cfg: dict) -> dict:
         batch = batch_size_at(tokens, global_batch, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens, per_micro)
         position = schedule_position(step, tokens)
         lr = lr_at(position, ocfg, tcfg.max_steps)
-        if dcfg.stage_starts and loader.set_weights(dcfg.weights_at(position / tcfg.max_steps)):
-            log(f"step {step:>6} | data stage {sum(s <= position / tcfg.max_steps for s in dcfg.stage_starts) + 1}: "
+        progress = position / tcfg.max_steps
+        if dcfg.stage_starts and loader.set_weights(dcfg.weights_at(progress)):
+            log(f"step {step:>6} | data stage {dcfg.stage_at(progress) + 1}: "
                 f"{', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}")
             if spikes:  # a new mixture has losses of its own
-                spikes.history = {"loss": [], "grad_norm": []}
+                spikes.restart()
         if ocfg.lr_base_batch:
             lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
         for group in optimizer.param_groups:
