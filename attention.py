@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blocks import RMSNorm, fused_projections
+
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
     HAS_FLEX = True
@@ -497,33 +499,15 @@ def kv_values_per_token(n_layers: int, head_dim: int, n_kv_heads: int = 0, kv_lo
     return 2 * n_layers * n_kv_heads * head_dim
 
 
+def attention_params(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+    """Weights of one MHA/GQA/MQA layer, the playbook's 2*h*n_h*d_h + 2*h*n_kv*d_h: Q and O project
+    to and from all n_h heads, K and V to the n_kv shared ones (what GQA saves)."""
+    return 2 * d_model * n_heads * head_dim + 2 * d_model * n_kv_heads * head_dim
+
+
 # --------------------------------------------------------------------------------------------
 # The attention layers
 # --------------------------------------------------------------------------------------------
-
-
-class HeadRMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, reduced in float32 (model.RMSNorm's
-    rule, repeated here because model.py imports this file): QK-norm, MLA's latent, GLA's output."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-def fused_projections(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
-    """x through several bias-free linear layers with one GEMM on their concatenated weights
-    (attention's Q/K/V, the MLP's gate/up). A layer carrying a low-rank adapter (sft.LoRALinear)
-    adds its own s (x A^T) B^T to its output, so the adapted (out x in) weight is never formed and
-    the frozen weight gets no weight-sized gradient."""
-    weights = [getattr(layer, "base", layer).weight for layer in layers]
-    outs = F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
-    return [out + layer.low_rank(x) if hasattr(layer, "low_rank") else out for out, layer in zip(outs, layers)]
 
 
 class CausalSelfAttention(nn.Module):
@@ -552,8 +536,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.use_rope, self.window, self.chunk = use_rope, window, chunk
-        self.q_norm = HeadRMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = HeadRMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
         self.dca_chunk, self.dca_local_window = dca_chunk, dca_local_window
         if dca_chunk:
@@ -622,7 +606,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.use_rope, self.window, self.chunk = use_rope, window, chunk
         self.q_proj = nn.Linear(d_model, n_heads * (self.head_dim + rope_dim), bias=False)
         self.kv_down = nn.Linear(d_model, kv_lora_rank + rope_dim, bias=False)  # W_dkv and W_kr in one matmul
-        self.kv_norm = HeadRMSNorm(kv_lora_rank, eps=norm_eps)
+        self.kv_norm = RMSNorm(kv_lora_rank, eps=norm_eps)
         self.k_up = nn.Linear(kv_lora_rank, n_heads * self.head_dim, bias=False)  # W_uk
         self.v_up = nn.Linear(kv_lora_rank, n_heads * self.head_dim, bias=False)  # W_uv
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
@@ -747,7 +731,7 @@ class GatedLinearAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, inner, bias=False)
         self.gate_proj = nn.Linear(d_model, inner, bias=False)  # the forget gate, per key channel
         self.out_gate = nn.Linear(d_model, inner, bias=False)
-        self.norm = HeadRMSNorm(self.head_dim, eps=norm_eps)
+        self.norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None, mask=None, kv_cache: KVCache | None = None,

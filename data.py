@@ -2,10 +2,9 @@
 
 The story this file tells, in the playbook's order:
 
-1. A default corpus that exists wherever Python is installed, with the three domains of the
-   playbook's ablation mix: prose (the `pydoc_data` topics, Python's own documentation), code (the
-   standard library's `.py` files, tests excluded), and math (seeded arithmetic word problems with
-   worked answers). No download, ever.
+1. The text: the embedded corpus (corpus.py: Python's own documentation, the standard library's
+   code, generated arithmetic; no download, ever) or your own files, and a tokenizer trained on
+   it (tokenizer.py) unless one is given.
 2. Tokenizing to shards: each source becomes a flat stream of token ids with EOS after every
    document, written as a memmap-able binary with a small header (so a truncated file is caught).
    Documents are split into train and validation by a seeded permutation, never by position.
@@ -22,142 +21,23 @@ The story this file tells, in the playbook's order:
 from __future__ import annotations
 
 import hashlib
-import json
+import multiprocessing as mp
 import os
-import random
 import re
-import sysconfig
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from corpus import DEFAULT_WEIGHTS, SOURCES, corpus_documents, read_documents, tokenizer_training_text
+from tokenizer import eot_id, load_tokenizer, save_tokenizer, train_bpe
 
 # --------------------------------------------------------------------------------------------
-# 1. The embedded corpus
+# 1. Configuration
 # --------------------------------------------------------------------------------------------
-
-_HEADING_UNDERLINE = re.compile(r"^([*=\-~^])\1{3,}\s*$")
-
-
-def prose_documents() -> list[str]:
-    """Python's reference documentation topics (`pydoc_data.topics`), cut into sections.
-
-    Each topic is split at its reStructuredText-style headings so that documents have the sizes of
-    real web pages (a few hundred to a few thousand tokens) rather than one 60 kB blob."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # some minimal Python builds strip pydoc_data
-        raise RuntimeError(
-            "the prose source needs the standard library's pydoc_data module, which this Python "
-            "lacks; install a full Python build or set data.weights to exclude 'prose'"
-        ) from e
-    docs = []
-    for name in sorted(topics):
-        lines = topics[name].splitlines()
-        starts = [0] + [i - 1 for i in range(2, len(lines)) if _HEADING_UNDERLINE.match(lines[i])
-                        and lines[i - 1].strip()]
-        starts = sorted(set(starts))
-        for a, b in zip(starts, starts[1:] + [len(lines)]):
-            section = "\n".join(lines[a:b]).strip()
-            if len(section) >= 200:
-                docs.append(section)
-    return docs
-
-
-def _is_test_path(rel: str) -> bool:
-    parts = rel.replace(os.sep, "/").split("/")
-    return any(p in ("test", "tests", "idle_test", "site-packages", "__pycache__") or
-               p.startswith("test_") for p in parts)
-
-
-def code_documents() -> list[str]:
-    """The standard library's own `.py` files (tests and site-packages excluded), one per document."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        rel = str(path.relative_to(root))
-        if _is_test_path(rel):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # a handful of files are deliberately in other encodings
-        if len(text) >= 200:
-            docs.append(text)
-    return docs
-
-
-_ITEMS = ["apples", "books", "marbles", "coins", "pencils", "stickers", "cookies", "cards", "shells",
-          "stamps", "bottles", "tickets"]
-_NAMES = ["Ada", "Alan", "Grace", "Linus", "Guido", "Barbara", "Ken", "Margaret", "Donald", "Frances",
-          "Edsger", "Radia", "John", "Lynn", "Tim", "Anita"]
-
-
-def _math_problem(rng: random.Random) -> str:
-    name, other = rng.sample(_NAMES, 2)
-    item = rng.choice(_ITEMS)
-    kind = rng.randrange(6)
-    if kind == 0:
-        a, b = rng.randint(2, 999), rng.randint(2, 999)
-        q = f"{name} has {a} {item}. {other} gives {name} {b} more. How many {item} does {name} have now?"
-        w = f"{a} + {b} = {a + b}. The answer is {a + b}."
-    elif kind == 1:
-        a = rng.randint(20, 999)
-        b = rng.randint(1, a - 1)
-        q = f"{name} had {a} {item} and gave {b} of them to {other}. How many {item} are left?"
-        w = f"{a} - {b} = {a - b}. The answer is {a - b}."
-    elif kind == 2:
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        q = f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?"
-        w = f"{a} * {b} = {a * b}. The answer is {a * b}."
-    elif kind == 3:
-        b, c = rng.randint(2, 12), rng.randint(2, 50)
-        r = rng.randint(0, b - 1)
-        a = b * c + r
-        q = f"{name} shares {a} {item} equally among {b} friends. How many does each friend get, and how many are left over?"
-        w = f"{a} / {b} = {c} remainder {r}. Each friend gets {c} and {r} are left over. The answer is {c}."
-    elif kind == 4:
-        a, b, c = rng.randint(2, 200), rng.randint(2, 20), rng.randint(1, 99)
-        q = (f"{name} buys {b} packs of {item} with {a} in each pack, then loses {c} of them. "
-             f"How many {item} does {name} have?")
-        t = a * b
-        w = f"{b} * {a} = {t}. {t} - {c} = {t - c}. The answer is {t - c}."
-    else:
-        p = rng.choice([10, 20, 25, 50, 75])
-        a = rng.randint(1, 40) * 4 * (100 // np.gcd(p, 100))
-        q = f"{name} has {a} {item} and gives {p}% of them to {other}. How many {item} does {other} get?"
-        w = f"{p}% of {a} is {a} * {p} / 100 = {a * p // 100}. The answer is {a * p // 100}."
-    return f"Question: {q}\nAnswer: {w}"
-
-
-def math_documents(n_docs: int = 10_000, seed: int = 1234) -> list[str]:
-    """Generated arithmetic word problems with worked answers (seeded, so every machine agrees).
-
-    A document is a short worksheet of 1-4 problems, like the math pages of a web crawl."""
-    rng = random.Random(seed)
-    return ["\n\n".join(_math_problem(rng) for _ in range(rng.randint(1, 4))) for _ in range(n_docs)]
-
-
-SOURCES = {"prose": prose_documents, "code": code_documents, "math": math_documents}
-
-
-def corpus_documents(source: str) -> list[str]:
-    """All documents of one named source of the default corpus."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown corpus source {source!r}; the embedded sources are {sorted(SOURCES)}")
-    docs = SOURCES[source]()
-    if not docs:
-        raise RuntimeError(f"corpus source {source!r} is empty on this machine; check the Python install")
-    return docs
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-DEFAULT_WEIGHTS = {"prose": 0.7, "code": 0.2, "math": 0.1}  # the playbook's ablation mix
-
 
 @dataclass
 class DataConfig:
@@ -257,25 +137,6 @@ def split_documents(docs: list[str], val_fraction: float, seed: int, source: str
             "val": [d for i, d in enumerate(docs) if i in val]}
 
 
-def read_documents(files: list[str | os.PathLike]) -> list[str]:
-    """Your own documents: a text file is one document, a .jsonl file one per line (field 'text')."""
-    docs = []
-    for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise FileNotFoundError(f"file not found: {path}")
-        if path.suffix != ".jsonl":
-            docs.append(path.read_text(encoding="utf-8"))
-            continue
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-    return docs
-
-
 def limit_documents(docs: list[str], cfg: DataConfig, source: str) -> list[str]:
     """At most cfg.max_docs documents of a source (a seeded choice, kept in corpus order)."""
     if not cfg.max_docs:
@@ -293,7 +154,6 @@ _worker_enc = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_enc
-    from tokenizer import load_tokenizer
     _worker_enc = load_tokenizer(tokenizer_path)
 
 
@@ -305,9 +165,6 @@ def write_shards(docs: list[str], tokenizer_path: str | os.PathLike, out_prefix:
                  num_workers: int = 0, desc: str = "tokenizing") -> list[Path]:
     """Tokenize docs with several processes and write `<out_prefix>_000.bin`, ... with EOS after
     every document. Each file is written under a temporary name and renamed when complete."""
-    from tokenizer import eot_id, load_tokenizer
-    from tqdm import tqdm
-
     enc = load_tokenizer(tokenizer_path)
     eot, dtype, fingerprint = eot_id(enc), token_dtype(enc.n_vocab), tokenizer_fingerprint(tokenizer_path)
     workers = num_workers or min(8, os.cpu_count() or 1)
@@ -345,7 +202,6 @@ def write_shards(docs: list[str], tokenizer_path: str | os.PathLike, out_prefix:
 
     bar = tqdm(total=len(docs), desc=desc, unit="doc", leave=False)
     if workers > 1 and len(chunks) > 1:
-        import multiprocessing as mp
         with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
             for results in pool.imap(_encode_chunk, chunks):  # imap keeps document order
                 consume(results)
@@ -390,11 +246,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print):
 
     Returns the tokenizer. Sources that are not embedded must already have shards in
     cfg.shard_dir(vocab_size) (see `python data.py --help` to make them from your own files)."""
-    from tokenizer import load_tokenizer, save_tokenizer, tokenizer_training_text, train_bpe
-
     tok_path = cfg.tokenizer_path(vocab_size)
     if not tok_path.exists():
-        import time
         make_it = (f"`python tokenizer.py --vocab-size {vocab_size} --files ... --max-bytes 200000000 "
                    f"--out {tok_path}`")
         own = [s for s in cfg.sources() if s not in SOURCES]

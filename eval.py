@@ -9,7 +9,8 @@
     python eval.py decontaminate --task prose_cloze --shards data_cache/vocab4096/seed1337-val0.05
 
 The story, top to bottom (what is asked, the tasks, lives in eval_tasks.py; running model-written
-code for HumanEval in humaneval.py):
+code for HumanEval in humaneval.py; the models, any spec checkpoint.load_model reads: a run folder
+or checkpoint, gguf:PATH, a Hugging Face folder):
 
 1. Formulations. Cloze (CF): each choice is scored by the log-likelihood of its text after the
    query; `acc` takes the most likely, `acc_norm` divides by the choice's length in characters.
@@ -18,12 +19,11 @@ code for HumanEval in humaneval.py):
    the format (after ~500B tokens at 7B), which is why small ablations use CF. Generative: greedy
    or sampled with the KV cache, exact match after normalisation, avg@k over k samples (steadier
    than one sample on small tasks). Scoring is batched, and padding never changes a score.
-2. Models: a run folder or checkpoint of this project, a GGUF file, a Hugging Face folder.
-3. Task quality, FineWeb's criteria for choosing ablation tasks, from metrics.jsonl files:
+2. Task quality, FineWeb's criteria for choosing ablation tasks, from metrics.jsonl files:
    monotonicity (Spearman of score with step), noise (spread across seeds), distance above the
    random baseline, and ranking consistency between runs across steps (Kendall tau).
-4. Decontamination: token n-grams (n=8 by default) shared by training shards and a task's items.
-5. Comparing runs: loss and eval curves of several run folders, as a text table and a PNG.
+3. Decontamination: token n-grams (n=8 by default) shared by training shards and a task's items.
+4. Comparing runs: loss and eval curves of several run folders, as a text table and a PNG.
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+from checkpoint import load_model
 from eval_tasks import BUILTIN_TASKS, PUBLIC_LAYOUTS, ChoiceItem, EvalError, GenItem, Task, check_task_name, load_task
+from generate import generate
 from humaneval import humaneval_program, pass_at_k, run_programs, truncate_at_stops
+from tokenizer import load_tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,16 +203,10 @@ def sample_completions(model, enc, prompt: str, k: int = 1, temperature: float =
                           f"max_seq_len={max_len} is kept for the prompt", stacklevel=2)
             max_new_tokens = max_len // 2
         ids = ids[-(max_len - max_new_tokens):]  # a long prompt keeps its end, next to the answer
-    device = _device(model)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.tensor([ids] * k, dtype=torch.long, device=device)
-    out = model.generate(x, max_new_tokens, temperature=temperature, top_k=None, eos_id=eos, generator=gen)
-    texts = []
-    for row in out[:, len(ids):].tolist():
-        if eos is not None and eos in row:
-            row = row[:row.index(eos)]
-        texts.append(truncate_at_stops(enc.decode(row), list(stops)))
-    return texts
+    gen = torch.Generator(device=_device(model)).manual_seed(seed)
+    completions = generate(model, [ids], max_new_tokens, k=k, temperature=temperature,
+                           stop_ids=() if eos is None else (eos,), generator=gen)
+    return [truncate_at_stops(enc.decode(row[:-1] if row[-1:] == [eos] else row), list(stops)) for row in completions]
 
 
 def score_generative(model, enc, task: Task, k: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
@@ -283,65 +280,7 @@ class TrainingEvals:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Models: this project's checkpoints and run folders, GGUF files, Hugging Face folders
-# --------------------------------------------------------------------------------------------
-
-
-def load_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, object, data.DataConfig]:
-    """(model, tokenizer, the DataConfig whose held-out side the built-in tasks use)."""
-    import tokenizer
-    from model import Transformer, model_config_from_dict
-    if spec.startswith("gguf:"):
-        path = Path(spec[5:])
-        if not path.is_file():
-            raise EvalError(f"GGUF file {path} not found")
-        return Transformer.from_gguf(path).to(device), tokenizer.from_gguf(path), data.DataConfig()
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        try:  # a Hugging Face tokenizer.json (byte-level BPE) or this project's own file
-            enc = tokenizer.load_tokenizer(path / "tokenizer.json")
-        except (FileNotFoundError, ValueError) as e:
-            raise EvalError(f"{path} has no tokenizer this code can read ({e}); save_hf(out_dir, enc) writes one, "
-                            f"and gguf:PATH reads a GGUF file's") from e
-        return Transformer.from_hf(path).to(device), enc, data.DataConfig()
-    sharded = (path / "meta.pt").is_file()  # a ckpt_<step>/ folder written under FSDP
-    if path.is_dir() and not sharded:
-        from train import checkpoint_paths
-        ckpts = checkpoint_paths(path)
-        if not ckpts:
-            raise EvalError(f"{path} is neither a run folder (no ckpt_*) nor a Hugging Face folder (no config.json)")
-        path = ckpts[-1]
-        sharded = path.is_dir()
-    if not (path.is_file() or sharded):
-        raise EvalError(f"unknown model {spec!r}: give a run folder, a ckpt_* checkpoint, gguf:PATH or a Hugging "
-                        f"Face folder (with config.json)")
-    try:
-        ckpt = torch.load(path / "meta.pt" if sharded else path, map_location="cpu", weights_only=False)
-        config = ckpt["config"]
-    except Exception as e:
-        raise EvalError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e})") from e
-    mcfg = model_config_from_dict(config["model"])
-    dcfg = data.DataConfig(**config["data"])
-    tok_path = dcfg.tokenizer_path(mcfg.vocab_size)
-    for candidate in (tok_path, path.parent.parent.parent / tok_path):  # cwd, then the repo holding runs/
-        if candidate.is_file():
-            tok_path = candidate
-            break
-    else:
-        raise EvalError(f"the checkpoint's tokenizer {tok_path} is not found; run from the folder that trained it")
-    model = Transformer(mcfg)
-    if sharded:  # every rank's shards, read back into one plain model (DCP reshards on load)
-        import torch.distributed.checkpoint as dcp
-        state = model.state_dict()
-        dcp.load({"model": state}, checkpoint_id=str(path))
-    else:
-        state = ckpt["model"]
-    model.load_state_dict(state)
-    return model.to(device), tokenizer.load_tokenizer(tok_path), dcfg
-
-
-# --------------------------------------------------------------------------------------------
-# 3. Task-quality statistics (FineWeb's criteria) from metrics.jsonl
+# 2. Task-quality statistics (FineWeb's criteria) from metrics.jsonl
 # --------------------------------------------------------------------------------------------
 
 
@@ -440,7 +379,7 @@ def group_runs(run_dirs: list[str]) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Decontamination: shared token n-grams between training shards and a task
+# 3. Decontamination: shared token n-grams between training shards and a task
 # --------------------------------------------------------------------------------------------
 
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -513,7 +452,7 @@ def decontaminate(task: Task, enc, shards, n: int = 8, threshold: float = 0.0) -
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Comparing runs
+# 4. Comparing runs
 # --------------------------------------------------------------------------------------------
 
 
@@ -577,7 +516,7 @@ def _print_result(model: str, task: Task, formulation: str, result: dict, second
 def main_eval(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0] + " Score a model on a task.",
                                 epilog="also: eval.py compare RUNS..., eval.py quality RUNS..., eval.py decontaminate")
-    p.add_argument("--model", required=True, help="run folder, ckpt_*.pt, gguf:PATH, or Hugging Face folder")
+    p.add_argument("--model", required=True, help="run folder, ckpt_* checkpoint, gguf:PATH, or Hugging Face folder")
     p.add_argument("--task", required=True, help=f"built-in ({', '.join(BUILTIN_TASKS)}), a JSONL path, or "
                                                  f"LAYOUT:PATH ({', '.join(PUBLIC_LAYOUTS)})")
     p.add_argument("--formulation", choices=["cf", "mcf", "gen"], help="default: cf for choices, gen otherwise")
@@ -635,7 +574,6 @@ def main_decontaminate(argv: list[str]) -> None:
     p.add_argument("--threshold", type=float, default=0.0, help="contaminated above this share of n-grams found")
     p.add_argument("--out", help="write the task without contaminated items to this JSONL file")
     args = p.parse_args(argv)
-    from tokenizer import load_tokenizer
     paths = []
     for s in map(Path, args.shards):
         paths += sorted(s.glob("*_train_*.bin")) if s.is_dir() else [s]

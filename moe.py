@@ -49,7 +49,6 @@ re-runs forward passes would count micro-batches twice, so train.py refuses it f
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +56,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, SwiGLU
-
-
-def d_expert_of(cfg: ModelConfig) -> int:
-    return cfg.moe_d_expert or cfg.d_ff
+from attention import attention_params
+from blocks import SwiGLU
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,20 +217,21 @@ class MoE(nn.Module):
     forward returns the output and leaves `balance_loss` (sum_i f_i P_i) and `router_z_loss`
     (mean logsumexp^2) on the module; Transformer.forward adds them to the loss (see add_router_losses)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int = 0):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, d_expert: int, n_shared: int = 0,
+                 score: str = "softmax", renormalize: bool = True, balance_stats: str = "global",
+                 bias_rate: float = 0.0, impl: str = "grouped", layer: int = 0):
         super().__init__()
         self.layer = layer
-        d_expert = d_expert_of(cfg)
-        self.n_experts, self.top_k = cfg.moe_experts, cfg.moe_top_k
-        self.balance_stats = cfg.moe_balance_stats
-        self.bias_rate = cfg.moe_bias_rate
-        self.router = Router(cfg.d_model, cfg.moe_experts, cfg.moe_top_k, cfg.moe_score, cfg.moe_renormalize)
-        self.experts = RoutedExperts(cfg.moe_experts, cfg.d_model, d_expert, cfg.moe_impl)
-        self.shared = SwiGLU(cfg.d_model, cfg.moe_shared_experts * d_expert) if cfg.moe_shared_experts else None
+        self.n_experts, self.top_k = n_experts, top_k
+        self.balance_stats = balance_stats
+        self.bias_rate = bias_rate
+        self.router = Router(d_model, n_experts, top_k, score, renormalize)
+        self.experts = RoutedExperts(n_experts, d_model, d_expert, impl)
+        self.shared = SwiGLU(d_model, n_shared * d_expert) if n_shared else None
         # Share of routed slots per expert over the last optimizer step (sums to 1; all zero before
         # the first): predicts the micro-batches of a step not yet seen. Saved with checkpoints so a
         # resumed run continues exactly.
-        self.register_buffer("last_step_load", torch.zeros(cfg.moe_experts))
+        self.register_buffer("last_step_load", torch.zeros(n_experts))
         self.micro_batches_per_step = 1  # set by begin_moe_step; 1 = every forward is a whole step
         self.step_load: StepLoad | None = None
         self.balance_loss = self.router_z_loss = self.balance_f = None
@@ -302,18 +299,19 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def add_router_losses(model: nn.Module, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:
+def add_router_losses(model: nn.Module, loss: torch.Tensor, parts: dict, balance_coef: float,
+                      router_z_coef: float) -> tuple[torch.Tensor, dict]:
     """loss + alpha * mean over MoE layers of sum_i f_i P_i + beta * mean router z-loss (in training).
 
     The mean over layers keeps alpha's meaning independent of depth. In evaluation the loss stays
     cross-entropy (+ z-loss), so validation losses of MoE and dense models compare directly."""
-    cfg, layers = model.cfg, moe_layers(model)
+    layers = moe_layers(model)
     balance = torch.stack([m.balance_loss for m in layers]).mean()
     router_z = torch.stack([m.router_z_loss for m in layers]).mean()
-    if model.training and cfg.moe_balance_coef > 0:
-        loss = loss + cfg.moe_balance_coef * balance
-    if model.training and cfg.moe_router_z_coef > 0:
-        loss = loss + cfg.moe_router_z_coef * router_z
+    if model.training and balance_coef > 0:
+        loss = loss + balance_coef * balance
+    if model.training and router_z_coef > 0:
+        loss = loss + router_z_coef * router_z
     return loss, {**parts, "balance_loss": balance.detach(), "router_z_loss": router_z.detach()}
 
 
@@ -396,12 +394,6 @@ class MoEShape:
     tie_embeddings: bool = False
     qk_norm_params: int = 0
 
-    @classmethod
-    def from_model_config(cls, cfg: ModelConfig) -> "MoEShape":
-        return cls("config", cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                   cfg.moe_experts, cfg.moe_top_k, d_expert_of(cfg), cfg.moe_shared_experts, cfg.moe_dense_layers,
-                   cfg.d_ff, cfg.tie_embeddings)
-
     @property
     def n_moe_layers(self) -> int:
         return self.n_layers - self.dense_layers
@@ -416,7 +408,7 @@ class MoEShape:
         active_matmul (the weights a token is multiplied by: active minus norms and the embedding
         lookup, plus the output head; 6x this is the FLOPs rule)."""
         h = self.d_model
-        attention = 2 * h * self.n_heads * self.head_dim + 2 * h * self.n_kv_heads * self.head_dim
+        attention = attention_params(h, self.n_heads, self.n_kv_heads, self.head_dim)
         dense_mlp = 3 * h * self.d_ff
         embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         shared_part = self.n_layers * (attention + 2 * h + self.qk_norm_params) + self.dense_layers * dense_mlp
@@ -433,18 +425,6 @@ class MoEShape:
     @property
     def granularity(self) -> float:
         return granularity(self.d_model, self.d_expert)
-
-
-def moe_params_delta(cfg: ModelConfig, active: bool = False) -> int:
-    """What the MoE layers add to the dense model's count (model.count_params, flops_per_token)."""
-    shape = MoEShape.from_model_config(cfg)
-    return shape.n_moe_layers * (shape.moe_mlp_params(active) - 3 * cfg.d_model * cfg.d_ff)
-
-
-def active_params(cfg: ModelConfig) -> int:
-    """Parameters one token uses: count_params minus the routed experts it does not visit."""
-    from model import count_params
-    return count_params(cfg) - moe_params_delta(cfg) + moe_params_delta(cfg, active=True)
 
 
 # Full shapes from the models' published configs (model cards: Mixtral 46.7B total / 12.9B active,
@@ -483,73 +463,8 @@ def playbook_table() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# python moe.py: the playbook's shapes; python moe.py demo: a tiny MoE vs a tiny dense model on CPU
+# python moe.py: the playbook's shapes (the CPU demonstration is benchmarks/moe_demo.py)
 # --------------------------------------------------------------------------------------------
 
-DEMO_RUNS = {  # name: (config, extra overrides)
-    "dense": ("configs/tiny.toml", []),
-    "moe": ("configs/moe_tiny.toml", []),
-    # Global and local statistics only differ when a step has several micro-batches (or ranks):
-    "moe, global, 4 micro": ("configs/moe_tiny.toml", ["--train.micro_batch_size=2", "--train.grad_accum_steps=4"]),
-    "moe, local, 4 micro": ("configs/moe_tiny.toml", ["--train.micro_batch_size=2", "--train.grad_accum_steps=4",
-                                                      "--model.moe_balance_stats=local"]),
-    "moe, no balancing": ("configs/moe_tiny.toml", ["--model.moe_balance_coef=0.0"]),
-    "moe, bias balancing": ("configs/moe_tiny.toml", ["--model.moe_balance_coef=0.0", "--model.moe_bias_rate=0.001"]),
-}
-
-
-def demo(steps: int, micro_batch_size: int, runs: list[str], out_dir: str) -> None:
-    """Train each run on the default corpus (one CPU thread), then print loss and balance side by side."""
-    import json
-    from pathlib import Path
-
-    from model import count_params
-    from train import load_config, train
-
-    every = max(1, steps // 5)
-    table = {}
-    for name in runs:
-        config, extra = DEMO_RUNS[name]
-        cfg = load_config(Path(__file__).parent / config, [
-            f"--train.name={name.replace(', ', '_').replace(' ', '_')}", f"--train.out_dir={out_dir}",
-            f"--train.max_steps={steps}", f"--train.micro_batch_size={micro_batch_size}", "--train.threads=1",
-            f"--train.log_interval={every}", f"--train.eval_interval={every}", "--train.ckpt_interval=0",
-            "--train.sample_tokens=0", "--optim.warmup_steps=20", *extra])
-        print(f"\n=== {name}: {count_params(cfg['model']):,} parameters, "
-              f"{active_params(cfg['model']) if cfg['model'].moe else count_params(cfg['model']):,} active ===")
-        summary = train(cfg)
-        rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-        table[name] = {}
-        for r in rows:  # a step's training row and its validation row merge
-            table[name].setdefault(r["step"], {}).update(r)
-    print("\nstep | " + " | ".join(f"{n}: train loss / val loss / imbalance / dead / balance" if n != "dense"
-                                    else "dense: train loss / val loss" for n in runs))
-    for step in sorted(table[runs[0]]):
-        cells = []
-        for n in runs:
-            r = table[n].get(step, {})
-            cell = f"{r.get('loss', float('nan')):.3f} / {r.get('val_loss', float('nan')):.3f}"
-            if "moe/imbalance" in r:
-                cell += f" / {r['moe/imbalance']:.2f} / {r['moe/dead_experts']} / {r['moe/balance_loss']:.3f}"
-            cells.append(cell)
-        print(f"{step:>4} | " + " | ".join(cells))
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import tempfile
-    p = argparse.ArgumentParser(description="MoE calculators (default) or the CPU demonstration (demo).")
-    p.add_argument("command", nargs="?", default="table", choices=["table", "demo"])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--runs", nargs="+", default=["dense", "moe"], choices=list(DEMO_RUNS))
-    p.add_argument("--out-dir", default=None, help="where the runs go (default: a fresh temporary folder)")
-    args = p.parse_args(argv)
-    if args.command == "table":
-        print(playbook_table())
-        return
-    demo(args.steps, args.micro_batch_size, args.runs, args.out_dir or tempfile.mkdtemp(prefix="moe_demo_"))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    print(playbook_table())

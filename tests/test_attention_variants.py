@@ -12,6 +12,7 @@ from attention import (HAS_FLEX, CausalSelfAttention, GatedLinearAttention, KVCa
                        apply_rope, attention_mask, build_attention_mask, dca_query_positions, gla_chunked,
                        gla_recurrent, kv_values_per_token, rope_frequencies, rope_layers, rotary_dim,
                        yarn_frequencies)
+from checkpoint import checkpoint_paths, load_meta
 from model import ModelConfig, Transformer, count_params, describe_layers
 
 needs_flex = pytest.mark.skipif(not HAS_FLEX, reason="flex_attention needs torch >= 2.5")
@@ -203,7 +204,7 @@ def test_abf_stage_resumes_in_train_with_a_new_rope_base(small_data, tmp_path, m
     assert summary["steps"] == 5 and math.isfinite(summary["val_loss"])
     cos_500k, _ = rope_frequencies(16, 64, 500_000.0)  # the tiny model: head_dim 16, max_seq_len 64
     assert tables and all(torch.equal(t, cos_500k) for t in tables)  # the trained weights meet the new base
-    saved = torch.load(sorted((tmp_path / "abf").glob("ckpt_*.pt"))[-1], weights_only=False)
+    saved = load_meta(checkpoint_paths(tmp_path / "abf")[-1])
     assert saved["config"]["model"]["rope_base"] == 500_000.0
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import tiny_overrides, torchrun
-from model import ModelConfig, Transformer, count_params, flops_per_token
-from moe import (MoE, MoEShape, PLAYBOOK_SHAPES, PLAYBOOK_SPARSITY, active_params, begin_moe_step, end_moe_step,
-                 granularity, grouped_kernel, moe_layers, sparsity)
+from checkpoint import checkpoint_paths
+from model import ModelConfig, Transformer, active_params, count_params, flops_per_token, make_mlp, moe_shape
+from moe import (PLAYBOOK_SHAPES, PLAYBOOK_SPARSITY, MoE, begin_moe_step, end_moe_step, granularity, grouped_kernel,
+                 moe_layers, sparsity)
 from train import ConfigError, load_config, main, train
 
 
@@ -63,7 +64,7 @@ def test_one_expert_top1_equals_the_dense_mlp_with_the_same_weights(impl):
 
 def make_layer(seed=0, **kw):
     torch.manual_seed(seed)
-    return MoE(moe_cfg(moe_shared_experts=1, **kw))
+    return make_mlp(moe_cfg(moe_shared_experts=1, **kw))
 
 
 @pytest.mark.parametrize("score, renormalize", [("softmax", True), ("softmax", False), ("sigmoid", True)])
@@ -131,7 +132,7 @@ def test_aux_loss_and_router_z_loss_equal_their_formulas():
 def skewed_layer(stats: str) -> MoE:
     """Two experts, top-1: tokens along +u go to expert 0, along -u to expert 1."""
     torch.manual_seed(0)
-    layer = MoE(ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, d_ff=16, moe=True, moe_experts=2, moe_top_k=1,
+    layer = make_mlp(ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, d_ff=16, moe=True, moe_experts=2, moe_top_k=1,
                             moe_balance_stats=stats))
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.tensor([[2.0] + [0.0] * 7, [-2.0] + [0.0] * 7]))
@@ -208,7 +209,7 @@ def test_without_accumulation_global_equals_the_whole_batch():
 
 def test_bias_balancing_drives_a_skewed_router_to_uniform_load_without_aux_loss():
     torch.manual_seed(0)
-    layer = MoE(moe_cfg(moe_experts=8, moe_top_k=2, moe_balance_coef=0.0, moe_bias_rate=0.003, moe_score="sigmoid"))
+    layer = make_mlp(moe_cfg(moe_experts=8, moe_top_k=2, moe_balance_coef=0.0, moe_bias_rate=0.003, moe_score="sigmoid"))
     u = torch.zeros(32)
     u[0] = 1.0
     with torch.no_grad():
@@ -276,7 +277,7 @@ def test_playbook_shapes_give_the_published_counts():
     mixtral = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                           tie_embeddings=False, moe=True, moe_experts=8, moe_top_k=2)
     assert numel(mixtral) == count_params(mixtral) == PLAYBOOK_SHAPES["Mixtral-8x7B"].params()["total"]
-    assert MoEShape.from_model_config(mixtral).params()["active"] == active_params(mixtral)
+    assert moe_shape(mixtral).params()["active"] == active_params(mixtral)
     # The playbook's sparsity table runs from Mixtral's 4 to Kimi K2's 42.8.
     table = {n: round(sparsity(*v[2:]), 1) for n, v in PLAYBOOK_SPARSITY.items()}
     assert table["Mixtral-8x7B"] == 4.0 and table["DeepSeek-V3"] == 28.6 and table["Kimi-K2"] == 42.8
@@ -294,7 +295,7 @@ def test_top1_router_learns_from_the_task_loss_even_with_renormalisation():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
                       moe=True, moe_experts=4, moe_top_k=1, moe_d_expert=16, moe_renormalize=True)
-    layer = MoE(cfg)
+    layer = make_mlp(cfg)
     x = torch.randn(40, 32)
     layer(x).pow(2).sum().backward()  # a task loss only: no balance term
     assert layer.router.gate.weight.grad.norm() > 1e-4
@@ -337,7 +338,7 @@ def test_training_logs_balance_metrics_updates_the_bias_and_resumes_exactly(smal
         assert "moe/imbalance/L0" not in r
         assert 1.0 <= r["moe/imbalance/L1"] <= 2.0 and 0 <= r["moe/dead/L1"] <= 4 and r["moe/balance_loss"] >= 1.0 - 1e-6
     assert rows[-1]["loss"] < rows[0]["loss"]
-    saved = torch.load(sorted(Path(full["run_dir"]).glob("ckpt_*.pt"))[-1], weights_only=False)
+    saved = torch.load(checkpoint_paths(full["run_dir"])[-1] / "state.pt", weights_only=False)
     bias = saved["model"]["blocks.1.mlp.router.expert_bias"]
     assert bias.abs().sum() > 0 and saved["model"]["blocks.1.mlp.last_step_load"].sum() == pytest.approx(1.0)
     # Resume: the balance state (bias, last step's load) comes back with the checkpoint.
@@ -409,7 +410,7 @@ def test_compiled_moe_equals_eager_in_loss_gradients_and_balance_state(scope):
 @pytest.mark.gpu
 def test_gpu_grouped_gemm_matches_reference_in_bf16_and_compiles():
     torch.manual_seed(0)
-    layer = MoE(moe_cfg(d_model=256, moe_experts=64, moe_top_k=8, moe_d_expert=128)).cuda()
+    layer = make_mlp(moe_cfg(d_model=256, moe_experts=64, moe_top_k=8, moe_d_expert=128)).cuda()
     x = torch.randn(4096, 256, device="cuda")
     outs = {}
     for impl in ("reference", "grouped"):
@@ -450,7 +451,7 @@ def test_global_f_sums_to_the_expert_count_in_every_micro_batch_with_top2():
     exactly, also mid-step when unseen micro-batches are predicted (with k = 2 every token makes
     two assignments: a prediction that forgot k would not sum to E)."""
     torch.manual_seed(0)
-    layer = MoE(ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, d_ff=16, moe=True, moe_experts=4, moe_top_k=2,
+    layer = make_mlp(ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, d_ff=16, moe=True, moe_experts=4, moe_top_k=2,
                             moe_balance_stats="global"))
     for _ in range(2):  # the first step predicts from itself, the second from the first
         begin_moe_step(layer, 3)

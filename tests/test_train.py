@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_overrides, torchrun
-from train import ConfigError, checkpoint_paths, load_config, parse_override, train
+from checkpoint import checkpoint_paths, load_meta
+from config import parse_override
+from train import ConfigError, load_config, train
 
 
 def run(small_data, out, name, **extra):
@@ -23,7 +25,10 @@ def losses(run_dir: Path, key="loss") -> dict[int, float]:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.pt"))}
+    """Every checkpoint file's hash (ckpt_<step>/...), to prove nothing was rewritten."""
+    files = sorted(p for p in folder.glob("ckpt_*/*") if p.is_file())
+    assert files, f"no checkpoint files in {folder}"
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,20 +158,20 @@ def test_resume_keeps_the_split_but_takes_new_optimizer_settings_and_mixture_sta
     assert digest(tmp_path / "stage") == before
 
     seen = {}
-    real_restore = train_module.restore_weights
+    real_restore = train_module.restore_state
 
-    def spy(path, saved, model, optimizer):
-        real_restore(path, saved, model, optimizer)
+    def spy(path, model, optimizer):
+        real_restore(path, model, optimizer)
         seen["optimizer"] = optimizer
-    train_module.restore_weights = spy
+    train_module.restore_state = spy
     try:
         run(small_data, tmp_path, "stage", **{"train.resume": True, "train.max_steps": 5, "optim.betas": [0.8, 0.9],
                                              "optim.weight_decay": 0.0, "data.weights": {"prose": 0.2, "code": 0.8}})
     finally:
-        train_module.restore_weights = real_restore
+        train_module.restore_state = real_restore
     assert [g["betas"] for g in seen["optimizer"].param_groups] == [(0.8, 0.9), (0.8, 0.9)]
     assert [g["weight_decay"] for g in seen["optimizer"].param_groups] == [0.0, 0.0]
-    last = torch.load(checkpoint_paths(tmp_path / "stage")[-1], weights_only=False)["loader"]
+    last = load_meta(checkpoint_paths(tmp_path / "stage")[-1])["loader"]
     stage_mix = {s: last["counts"][s] - last["stage_counts"][s] for s in last["counts"]}
     assert last["stage_samples"] > 0 and sum(stage_mix.values()) == last["samples"] - last["stage_samples"]
     assert abs(stage_mix["code"] - 0.8 * sum(stage_mix.values())) <= 1  # the new weights, from the stage start
@@ -181,7 +186,7 @@ def test_mixture_stages_in_one_run_switch_where_the_config_says_and_resume_acros
     stages = {"train.max_steps": 6, "train.ckpt_interval": 3, "train.eval_interval": 3,
               "data.stage_starts": [0.5], "data.stage_weights": [{"math": 1.0}]}
     run(small_data, tmp_path, "staged", **stages)
-    mid, end = (torch.load(p, weights_only=False)["loader"] for p in checkpoint_paths(tmp_path / "staged"))
+    mid, end = (load_meta(p)["loader"] for p in checkpoint_paths(tmp_path / "staged"))
     for source, weight in DEFAULT_WEIGHTS.items():  # 3 steps of the first stage
         assert abs(mid["counts"][source] - weight * mid["samples"]) <= 1
     grew = {s: end["counts"][s] - mid["counts"][s] for s in end["counts"]}
@@ -189,7 +194,7 @@ def test_mixture_stages_in_one_run_switch_where_the_config_says_and_resume_acros
     rows = (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()
 
     shutil.copytree(tmp_path / "staged", tmp_path / "crashed")  # as if the job died after step 3
-    (tmp_path / "crashed" / "ckpt_0000006.pt").unlink()
+    shutil.rmtree(tmp_path / "crashed" / "ckpt_0000006")
     run(small_data, tmp_path, "crashed", **{**stages, "train.resume": True})
     drop = ("tok_per_s", "mfu")
     resumed = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
@@ -214,11 +219,13 @@ def test_a_fresh_start_starts_a_fresh_metrics_file(small_data, tmp_path):
 
 def test_keeps_only_the_newest_checkpoints(small_data, tmp_path):
     run(small_data, tmp_path, "rot", **{"train.ckpt_interval": 1, "train.keep_checkpoints": 2})
-    assert [p.name for p in checkpoint_paths(tmp_path / "rot")] == ["ckpt_0000005.pt", "ckpt_0000006.pt"]
-    saved = torch.load(tmp_path / "rot" / "ckpt_0000006.pt", weights_only=False)
+    assert [p.name for p in checkpoint_paths(tmp_path / "rot")] == ["ckpt_0000005", "ckpt_0000006"]
+    saved = load_meta(tmp_path / "rot" / "ckpt_0000006")
     assert saved["step"] == 6 and saved["config"]["model"]["d_model"] == 64
-    assert {"model", "optimizer", "loader", "rng", "tokens"} <= set(saved)
-    from train import config_to_toml
+    assert {"loader", "rng", "tokens"} <= set(saved)
+    state = torch.load(tmp_path / "rot" / "ckpt_0000006" / "state.pt", weights_only=False)
+    assert {"model", "optimizer"} == set(state)
+    from config import config_to_toml
     cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "rot", **{"train.ckpt_interval": 1,
                                                                              "train.keep_checkpoints": 2}))
     assert (tmp_path / "rot" / "config.toml").read_text() == config_to_toml(cfg)  # the resolved config
@@ -519,11 +526,6 @@ def test_muon_run_lowers_the_loss_and_resumes_exactly(small_data, tmp_path):
     # the optimizer's state cannot change kind on resume
     with pytest.raises(ConfigError, match="optim.name is 'muon' in the checkpoint but 'adamw' now"):
         run(small_data, tmp_path, "split", **{"train.resume": True, "train.max_steps": 8})
-    # a checkpoint written before optim.name existed holds AdamW state: resuming it as Muon is refused too
-    ckpt = checkpoint_paths(tmp_path / "adamw")[-1]
-    saved = torch.load(ckpt, weights_only=False)
-    del saved["config"]["optim"]["name"]
-    torch.save(saved, ckpt)
     with pytest.raises(ConfigError, match="optim.name is 'adamw' in the checkpoint but 'muon' now"):
         run(small_data, tmp_path, "adamw", **{"optim.name": "muon", "train.resume": True, "train.max_steps": 8})
 
