@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attention import use_flash_attention_4  # noqa: E402
 from model import Transformer, flops_per_token  # noqa: E402
 from optim import OptimConfig, build_optimizer  # noqa: E402
-from train import INDUCTOR_GPU_SETTINGS, load_config, peak_flops_per_device  # noqa: E402
+from distributed import INDUCTOR_GPU_SETTINGS, peak_flops_per_device  # noqa: E402
+from train import load_config  # noqa: E402
 
 
 def corpus_doc_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
