@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import datetime
 import heapq
 import json
 import os
@@ -28,8 +29,7 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from corpus import (DEFAULT_MAX_BYTES, SOURCES, corpus_documents, read_documents, sample_documents,
-                    tokenizer_training_text)
+from corpus import DEFAULT_MAX_BYTES, SOURCES, corpus_documents, expand_inputs, file_sample, tokenizer_training_text
 from gguf_file import gguf_field, open_gguf
 
 # GPT-4's (cl100k) pre-tokenizer with `\p{N}` instead of `\p{N}{1,3}+`: every digit is its own
@@ -160,6 +160,49 @@ def _apply_merge(pair, new, chunks, weights, pair_counts, where, heap) -> None:
     for p in risen:
         if pair_counts[p] > 0:
             heapq.heappush(heap, (-pair_counts[p], p[0], p[1]))
+
+
+def train_bpe_rust(texts: Iterable[str], vocab_size: int, name: str = "nanoplaybook",
+                   progress: bool = True) -> tiktoken.Encoding:
+    """train_bpe's result from Hugging Face's Rust BPE trainer (`pip install tokenizers`, which the
+    Smol models' tokenizers were trained with): the same regex chunks, byte alphabet, pair counts
+    and merge rule, in parallel Rust, returned in train_bpe's layout (byte b has id b, merges
+    follow in order, then the special tokens).
+
+    One difference: on a tie between equally frequent pairs, Hugging Face takes the lowest pair of
+    its own ids, which order bytes by their GPT-2 printable stand-ins (printable bytes first), while
+    train_bpe orders them by byte value. On text of printable ASCII without spaces both orders
+    agree and so do the merges (tested); on other text the vocabularies differ only after a tie."""
+    try:
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    except ImportError:
+        raise ImportError("the rust trainer needs Hugging Face's tokenizers package: pip install tokenizers") from None
+    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if n_merges < 1:
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + 1 merge), got {vocab_size}")
+    if isinstance(texts, str):
+        texts = [texts]
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    vocab = json.loads(hf.to_str())["model"]["vocab"]
+    if len(vocab) <= 256:
+        raise ValueError("train_bpe got no text to train on (empty or no documents)")
+    if len(vocab) < 256 + n_merges:
+        raise ValueError(f"training text too small for vocab_size={vocab_size}: only {len(vocab) - 256} merges "
+                         f"possible, {n_merges} needed; train on more text (tokenizer.py --max-bytes)")
+    byte_of = _gpt2_byte_decoder()
+    # Hugging Face's ids: the 256 byte stand-ins in their own order, then merges in order
+    ranks = {bytes(byte_of[ch] for ch in token): i for token, i in vocab.items() if i >= 256}
+    ranks.update({bytes([b]): b for b in range(256)})
+    special = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special, explicit_n_vocab=vocab_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,9 +479,6 @@ def render_chat_template(template: str, messages: list[dict[str, str]], add_gene
 
     jinja2 comes with torch. The environment is the one transformers builds: a sandbox (templates
     are data), loop controls, a tojson that keeps non-ASCII text, raise_exception and strftime_now."""
-    import datetime
-    import json
-
     import jinja2.ext
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -458,12 +498,15 @@ def render_chat_template(template: str, messages: list[dict[str, str]], add_gene
 
 
 # --------------------------------------------------------------------------------------------
-# CLI: python tokenizer.py --vocab-size V --out PATH [--files ...]
+# CLI: python tokenizer.py --vocab-size V --out PATH [--files ...] [--trainer rust]
 # --------------------------------------------------------------------------------------------
 
 def bytes_per_token(enc: tiktoken.Encoding, texts: list[str]) -> float:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return n_bytes / max(1, sum(map(len, enc.encode_ordinary_batch(texts))))
+
+
+TRAINERS = {"python": train_bpe, "rust": train_bpe_rust}
 
 
 def main() -> None:
@@ -474,25 +517,30 @@ def main() -> None:
                                                      "data_cache/vocab<V>/tokenizer.json)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="training sample size")
     parser.add_argument("--files", nargs="*", default=[],
-                        help="train on these instead: text files (one document each) or .jsonl (field 'text'); "
-                             "the first --max-bytes of them, in a seeded random order of documents")
+                        help="train on these instead: files, folders or globs of .txt/.md (one document each), "
+                             ".jsonl, .jsonl.gz, .jsonl.zst (one per line) or .parquet (one per row); the first "
+                             "--max-bytes of their documents, the files in a seeded random order")
+    parser.add_argument("--text-field", default="text", help="the JSON field or parquet column holding the text")
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="python",
+                        help="python: train_bpe, the readable reference; rust: Hugging Face's BPE trainer "
+                             "(pip install tokenizers), the same file, many times faster on large samples")
     args = parser.parse_args()
 
     start = time.perf_counter()
     try:
         if args.files:
-            docs = read_documents(args.files)
-            texts = sample_documents(docs, args.max_bytes, "files")
+            texts = file_sample(expand_inputs(args.files), args.max_bytes, args.text_field)
         else:
             texts = tokenizer_training_text(args.max_bytes)
-        enc = train_bpe(texts, args.vocab_size)
-    except (ValueError, FileNotFoundError) as e:  # bad size, too little text, a bad file: one line
+        enc = TRAINERS[args.trainer](texts, args.vocab_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad size, too little text, a bad file: one line
         parser.error(str(e))
     seconds = time.perf_counter() - start
     save_tokenizer(enc, args.out)
-    print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s, saved to {args.out}")
+    print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s ({args.trainer} trainer, "
+          f"{sum(len(t.encode('utf-8')) for t in texts) / 1e6:.1f} MB of text), saved to {args.out}")
     if args.files:
-        print(f"compression over your files: {bytes_per_token(enc, docs):.2f} bytes/token")
+        print(f"compression over the training sample: {bytes_per_token(enc, texts):.2f} bytes/token")
         return
     print("compression over each whole source:")
     for source in SOURCES:

@@ -1,5 +1,6 @@
 """Tests for tokenizer.py: exactness against a brute-force BPE, round-trips, digits, save/load."""
 
+import importlib.util
 import random
 import sys
 from collections import Counter
@@ -235,26 +236,54 @@ def test_chat_templates_render_as_transformers_renders_them():
 
 def test_cli_trains_on_your_own_files(tmp_path):
     """The 1B ablation needs a large-vocabulary tokenizer of your own data: tokenizer.py --files
-    reads text files (one document) and .jsonl files (one per line), and a bad line is one error."""
+    reads text files (one document), .jsonl files (one per line) and folders of them, and a bad
+    line is one error; --trainer rust writes the same kind of file."""
     import json
     import subprocess
     import sys
     from conftest import ROOT
-    from data import read_documents
+    from corpus import expand_inputs, read_records
     from tokenizer import load_tokenizer
-    (tmp_path / "a.txt").write_text((ROOT / "README.md").read_text() + "the cat sat on the mat. " * 50)
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i}: the cat sat"}) + "\n" for i in range(30)))
-    assert len(read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"])) == 31
-    out = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "--vocab-size", "300", "--out",
-                          str(tmp_path / "tok.json"), "--files", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    enc = load_tokenizer(tmp_path / "tok.json")
-    assert enc.n_vocab == 300 and len(enc.encode_ordinary("the cat sat on the mat.")) <= 23 // 2  # merges from the files
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text((ROOT / "README.md").read_text() + "the cat sat on the mat. " * 50)
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i}: the cat sat"}) + "\n"
+                                                     for i in range(30)))
+    assert len(list(read_records(expand_inputs([tmp_path / "in"])))) == 31
+    trainers = ["python"] + (["rust"] if importlib.util.find_spec("tokenizers") else [])
+    for trainer in trainers:
+        out = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "--vocab-size", "300", "--out",
+                              str(tmp_path / f"{trainer}.json"), "--files", str(tmp_path / "in"), "--trainer", trainer],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        enc = load_tokenizer(tmp_path / f"{trainer}.json")
+        assert enc.n_vocab == 300 and len(enc.encode_ordinary("the cat sat on the mat.")) <= 23 // 2  # merges from the files
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
     out = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "--vocab-size", "300", "--out",
                           str(tmp_path / "x.json"), "--files", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
-    assert out.returncode == 2 and "bad.jsonl:1: expected a JSON object with a 'text' field" in out.stderr
+    assert out.returncode == 2 and "bad.jsonl:1: expected a JSON object with a string field 'text'" in out.stderr
+
+
+def test_rust_trainer_makes_the_reference_merges():
+    """Hugging Face's Rust BPE trainer, behind train_bpe's interface: on text whose bytes order
+    the same way under both tie-breaks (printable ASCII, no spaces) its merges are train_bpe's,
+    rank for rank; on the real sample it learns the same tokens, only ordered differently after
+    ties, so compression is the same."""
+    pytest.importorskip("tokenizers", reason="the rust trainer needs tokenizers: pip install tokenizers")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    texts = ["".join(rng.choice(words) + rng.choice(".,;:-/()=+_") + str(rng.randint(0, 99)) for _ in range(300))
+             for _ in range(40)]
+    assert T.train_bpe_rust(texts, 700, progress=False)._mergeable_ranks == \
+        T.train_bpe(texts, 700, progress=False)._mergeable_ranks
+    sample = T.tokenizer_training_text(300_000, seed=0)
+    ours, rust = T.train_bpe(sample, 1024, progress=False), T.train_bpe_rust(sample, 1024, progress=False)
+    assert rust.n_vocab == 1024 and rust._special_tokens == ours._special_tokens
+    shared = set(ours._mergeable_ranks) & set(rust._mergeable_ranks)
+    assert len(shared) >= 0.99 * len(ours._mergeable_ranks)
+    held_out = data.corpus_documents("prose")[:50]
+    assert T.bytes_per_token(rust, held_out) == pytest.approx(T.bytes_per_token(ours, held_out), rel=0.005)
+    with pytest.raises(ValueError, match="too small"):
+        T.train_bpe_rust(["ab ab"], 1000, progress=False)
 
 
 # --------------------------------------------------------------------------------------------
