@@ -33,9 +33,11 @@ def fused_projections(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Te
 
     A layer carrying a low-rank adapter (sft.LoRALinear) adds its own s (x A^T) B^T to its output,
     so the adapted (out x in) weight is never formed and the frozen weight gets no weight-sized
-    gradient."""
-    weights = [getattr(layer, "base", layer).weight for layer in layers]
-    outs = F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
+    gradient. Layers that bring their own `matmul` (fp8.FP8Linear) run the fused GEMM with it, in FP8."""
+    bases = [getattr(layer, "base", layer) for layer in layers]
+    weights = [base.weight for base in bases]
+    matmul = getattr(bases[0], "matmul", F.linear)
+    outs = matmul(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
     return [out + layer.low_rank(x) if hasattr(layer, "low_rank") else out for out, layer in zip(outs, layers)]
 
 

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
                        StreamingKVCache, attention_params, build_attention_mask, rope_frequencies, rope_layers)
 from blocks import RMSNorm, SwiGLU
+from fp8 import FP8_RECIPES, convert_to_fp8
 from moe import MoE, MoEShape, add_router_losses
 
 
@@ -69,6 +70,9 @@ class ModelConfig:
     moe_router_z_coef: float = 0.0    # router z-loss coefficient (ST-MoE: 1e-3)
     moe_bias_rate: float = 0.0        # gamma of aux-loss-free bias balancing (DeepSeek-V3: 0.001)
     moe_impl: str = "grouped"         # "grouped" (sorted tokens, grouped GEMM) or "reference" (loop)
+    # FP8 training (fp8.py): the blocks' linear layers multiply in FP8 while training; off by default.
+    fp8: str = "off"                  # off | tensorwise (one scale per tensor) | rowwise (per token and feature)
+    fp8_skip_first_last: bool = True  # keep the first and last blocks in bf16 (the head is never FP8)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -93,6 +97,11 @@ class ModelConfig:
 
         if self.moe:
             self._check_moe()
+        if self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"model.fp8={self.fp8!r} is not one of {FP8_RECIPES}")
+        if self.fp8 != "off" and self.fp8_skip_first_last and self.n_layers < 3:
+            raise ValueError(f"model.fp8={self.fp8!r} with model.fp8_skip_first_last leaves none of the "
+                             f"{self.n_layers} blocks in FP8; set model.fp8_skip_first_last=false")
 
     def _check_moe(self):
         if self.moe_experts < 1:
@@ -465,6 +474,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        if cfg.fp8 != "off":  # the blocks' linear layers train in FP8; same parameters, same state dict keys
+            convert_to_fp8(self.blocks, cfg.fp8, cfg.fp8_skip_first_last)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -223,6 +223,8 @@ class SpikeSkipper:
 RESUMABLE_MODEL_CHANGES = {"max_seq_len", "rope_base", "attn_backend"}
 # YaRN and DCA extend the context of trained weights without touching them.
 RESUMABLE_MODEL_CHANGES |= {"yarn_factor", "yarn_original_seq_len", "dca_chunk_size", "dca_local_window"}
+# FP8 training rounds the matmuls differently but trains the same float32 weights.
+RESUMABLE_MODEL_CHANGES |= {"fp8", "fp8_skip_first_last"}
 # The document split: changing it would move validation documents into training.
 FIXED_DATA_KEYS = ("seed", "val_fraction", "max_docs")
 

@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --config configs/ablation_1b.toml --vs-hf         # + HF Llama
     python benchmarks/bench_train.py --config configs/ablation_1b.toml --doc-masking   # flex docs vs SDPA causal
     python benchmarks/bench_train.py --vs-hf --backends sdpa-fa4,sdpa                  # FlashAttention-4 vs cuDNN
+    python benchmarks/bench_train.py --vs-hf --fp8 rowwise,tensorwise                  # + FP8 linears (fp8.py)
 
 One training step = forward and backward on --grad-accum micro-batches (default 1) and a fused
 AdamW step, timed with CUDA synchronisation (a real run of configs/ablation_1b.toml accumulates
@@ -12,8 +13,10 @@ figure is the median over --steps steps after --warmup steps (compilation happen
 warm-up). MFU uses model.flops_per_token (6N + 12 L h T, PaLM's definition) over the GPU's dense
 bf16 peak (989 TFLOP/s on H100/H200). Each variant runs in the same process, one after the other,
 with memory released in between. Our model compiles with train.py's Inductor settings
-(INDUCTOR_GPU_SETTINGS) plus any --inductor variant; HF with Inductor's defaults. Results go to
-stdout as a table and to --out as JSON.
+(INDUCTOR_GPU_SETTINGS) plus any --inductor variant; HF with Inductor's defaults. --fp8 adds our
+model with model.fp8 set (the first --backends entry; `RECIPE:all` puts the first and last blocks
+in FP8 too); its MFU still divides by the bf16 peak, so it compares step times, not FP8 utilisation.
+Results go to stdout as a table and to --out as JSON.
 """
 
 from __future__ import annotations
@@ -33,18 +36,18 @@ import torch._inductor.config  # noqa: F401  (bench --inductor patches it)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import data  # noqa: E402
 from attention import use_flash_attention_4  # noqa: E402
 from model import Transformer, flops_per_token  # noqa: E402
 from optim import OptimConfig, build_optimizer  # noqa: E402
 from distributed import INDUCTOR_GPU_SETTINGS, peak_flops_per_device  # noqa: E402
+from tokenizer import tokenizer_training_text, train_bpe  # noqa: E402
 from train import load_config  # noqa: E402
 
 
 def corpus_doc_ids(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Document ids of packed windows whose document lengths are drawn from the embedded corpus
     (in the proportions of the 0.7/0.2/0.1 mix), tokenized with a 32k BPE trained on the spot."""
-    import data
-    from tokenizer import tokenizer_training_text, train_bpe
     enc = train_bpe(tokenizer_training_text(max_bytes=20_000_000), 32768, progress=False)
     rng = np.random.default_rng(seed)
     lengths = {s: np.array([len(t) + 1 for t in enc.encode_ordinary_batch(data.corpus_documents(s))])
@@ -76,8 +79,10 @@ def time_steps(step_fn, steps: int, warmup: int) -> list[float]:
 
 def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc_ids, compiled: bool,
                activation_checkpointing: bool = False, profile_dir: Path | None = None,
-               compile_mode: str | None = None, compile_per_block: bool = False, grad_accum: int = 1) -> dict:
+               compile_mode: str | None = None, compile_per_block: bool = False, grad_accum: int = 1,
+               fp8: str = "off", fp8_all_blocks: bool = False) -> dict:
     mcfg = cfg["model"]
+    mcfg.fp8, mcfg.fp8_skip_first_last = fp8, not fp8_all_blocks
     torch._dynamo.reset()  # SDPA's kernel is chosen at trace time: no graph reuse across variants
     # "sdpa-<kernel>" pins SDPA to one kernel (cudnn, flash, efficient) by disabling the others;
     # "sdpa-fa3" / "sdpa-fa4" are the flash kernel routed to FlashAttention-3 (the
@@ -126,7 +131,7 @@ def bench_ours(cfg: dict, batch: int, steps: int, warmup: int, backend: str, doc
         torch.cuda.reset_peak_memory_stats()
         times = time_steps(step, steps, warmup)
         if profile_dir is not None:
-            profile_top_kernels(step, profile_dir / f"profile_{backend}.txt")
+            profile_top_kernels(step, profile_dir / f"profile_{backend}{'' if fp8 == 'off' else '_fp8_' + fp8}.txt")
         result = summarize(times, grad_accum * batch * T, flops_per_token(mcfg, T))
     finally:
         if flash_impl:
@@ -283,6 +288,9 @@ def main() -> None:
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also time our model with these torch._inductor.config settings (one variant per flag, "
                         "after the default one), e.g. max_autotune_pointwise=True")
+    p.add_argument("--fp8", default="", metavar="RECIPE[:all],...",
+                   help="also time our model with FP8 linears (fp8.py): tensorwise, rowwise; ':all' converts the "
+                        "first and last blocks too, e.g. rowwise,tensorwise,rowwise:all")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="write a kernel-time breakdown next to --out")
     p.add_argument("--fsdp", action="store_true",
@@ -293,6 +301,11 @@ def main() -> None:
         raise SystemExit("bench_train.py needs a CUDA GPU")
     for spec in args.inductor:  # a bad setting stops here, not after the first variant has run
         inductor_settings(spec)
+    fp8_specs = [spec.partition(":")[::2] for spec in filter(None, args.fp8.split(","))]
+    for recipe, scope in fp8_specs:  # a bad entry stops here, before the first variant has run
+        if recipe not in ("tensorwise", "rowwise") or scope not in ("", "all") or args.fsdp:
+            raise SystemExit(f"--fp8 {args.fp8!r}: entries are tensorwise or rowwise, optionally with ':all' "
+                             f"(and not with --fsdp)")
     if args.grad_accum < 1 or (args.fsdp and args.grad_accum != 1):
         raise SystemExit(f"--grad-accum {args.grad_accum}: give a count >= 1 (and leave it at 1 with --fsdp)")
     if args.fsdp:
@@ -344,6 +357,12 @@ def main() -> None:
                 run(f"ours[{backend}{', ' + spec if spec else ''}]", bench_ours, args.micro_batch, args.steps,
                     args.warmup, backend, None, compiled, args.activation_checkpointing, prof, args.compile_mode,
                     args.compile_per_block, args.grad_accum)
+    for recipe, scope in fp8_specs:
+        backend = args.backends.split(",")[0]
+        with torch._inductor.config.patch(INDUCTOR_GPU_SETTINGS):
+            run(f"ours[{backend}, fp8 {recipe}{', all blocks' if scope else ''}]", bench_ours, args.micro_batch,
+                args.steps, args.warmup, backend, None, compiled, args.activation_checkpointing, prof,
+                args.compile_mode, args.compile_per_block, args.grad_accum, recipe, bool(scope))
     if args.doc_masking:
         doc = corpus_doc_ids(args.micro_batch, cfg["train"].seq_len)
         meta["docs_per_window"] = float((doc[:, -1] + 1).float().mean())
@@ -353,10 +372,16 @@ def main() -> None:
     if args.vs_hf:
         run("hf[llama, compiled]", bench_hf, args.micro_batch, args.steps, args.warmup, not args.no_compile,
             args.grad_accum)
-        ours = [v["tok_per_s"] for k, v in results.items() if k.startswith("ours[") and "doc" not in k and "error" not in v]
-        if ours and "error" not in results["hf[llama, compiled]"]:
-            meta["speedup_vs_hf"] = max(ours) / results["hf[llama, compiled]"]["tok_per_s"]
-            print(f"speed-up of our best over HF: {meta['speedup_vs_hf']:.3f}x")
+        hf = results["hf[llama, compiled]"]
+        ours = [v["tok_per_s"] for k, v in results.items() if k.startswith("ours[") and "doc" not in k
+                and "fp8" not in k and "error" not in v]
+        if ours and "error" not in hf:
+            meta["speedup_vs_hf"] = max(ours) / hf["tok_per_s"]
+            print(f"speed-up of our best bf16 over HF: {meta['speedup_vs_hf']:.3f}x")
+            fp8 = {k: v["tok_per_s"] / hf["tok_per_s"] for k, v in results.items() if "fp8" in k and "error" not in v}
+            if fp8:
+                meta["speedup_vs_hf_fp8"] = fp8
+                print("speed-up over HF: " + ", ".join(f"{k} {v:.3f}x" for k, v in fp8.items()))
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(json.dumps(meta))
 
