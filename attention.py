@@ -273,7 +273,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
     Training passes the mask `build_attention_mask` made for the layer's kind. Generation with a
     cache passes q_offset (the position of the first query) instead, and the mask is rebuilt here
     from positions, on SDPA (decoding one document at a time, never across documents). The keys
-    are always the latest ones, ending with the queries' own: a windowed cache passes fewer."""
+    are always the latest ones, ending with the queries' own: a windowed cache passes fewer. A
+    static cache (StaticKVCache) passes its boolean mask of valid slots instead of q_offset."""
+    if isinstance(mask, torch.Tensor):  # a boolean mask is SDPA's (documents, or a static cache's slots)
+        backend = "sdpa"
+        if q.shape[2] == 1 and sinks is None:
+            return one_query_attention(q, k, v, mask, scale)
     if q_offset is not None:
         Tq, Tk = q.shape[2], k.shape[2]
         if sinks is None and not window and not chunk:
@@ -295,6 +300,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
+    """Attention of one new token per row (a decode step): q (B, H, 1, d), k (B, Hkv, S, d), mask
+    broadcastable to (B, 1, 1, S). The H / Hkv query heads that share a key/value head ride as that
+    head's queries, so each cached key and value is read once, never copied per query head (as
+    SDPA's enable_gqa may do on kernels without native GQA)."""
+    B, H, _, d = q.shape
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], d), k, v, attn_mask=mask,
+                                       scale=scale)
+    return y.reshape(B, H, 1, v.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +388,8 @@ def dca_query_positions(q_positions: torch.Tensor, chunk: int, local_window: int
 def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
                          k_positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int,
                          local_window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """DCA scores: q unrotated (B, H, Tq, d), k already rotated at (position mod chunk).
+    """DCA scores: q unrotated (B, H, Tq, d), k already rotated at (position mod chunk); positions
+    (Tq,) and (Tk,), or (B, 1, Tq) for queries whose rows sit at different positions.
 
     Each query is rotated three ways (`dca_query_positions`) and each query-key pair takes the
     score of its relation; then one causal (and document) masked softmax over all keys."""
@@ -380,9 +398,9 @@ def dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
     v = v.repeat_interleave(H // v.shape[1], dim=1).float()
     intra, succ, inter = (apply_rope(q, cos[p], sin[p]).float() @ k.transpose(-1, -2)
                           for p in dca_query_positions(q_positions, chunk, local_window))
-    gap = q_positions[:, None] // chunk - k_positions[None, :] // chunk
+    gap = q_positions[..., :, None] // chunk - k_positions[..., None, :] // chunk
     scores = torch.where(gap == 0, intra, torch.where(gap == 1, succ, inter)) * q.shape[-1] ** -0.5
-    allowed = q_positions[:, None] >= k_positions[None, :]
+    allowed = q_positions[..., :, None] >= k_positions[..., None, :]
     if mask is not None:
         allowed = allowed & mask
     return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).type_as(q)
@@ -481,6 +499,94 @@ class StreamingKVCache(KVCache):
         return self.pos
 
 
+class StaticKVCache:
+    """The cache of fast generation (generate.py): every tensor allocated once, every position a tensor.
+
+    Each row sits at its own position (`lengths`: the tokens a row has stored, which is where its
+    next token goes), so prompts of different lengths share one batch, right-padded: a padding
+    token's key is overwritten or masked before any query could see it. Every attention layer
+    keeps a ring of slots, position p in slot p mod n: global layers have n = max_len (they never
+    wrap), sliding-window and chunked layers n = their span (KVCache.recent's bound, at a fixed
+    shape); MLA stores its latent as the key and its RoPE key as the value; linear-attention layers
+    a float32 state. The prompt goes in with one prefill forward that attends with the training
+    kernels. After it, every call takes one token per row and attends over the whole ring through
+    a boolean mask of the slots it may see (`decode_mask`): a decode step has the same shapes each
+    time, so it compiles once, to one CUDA graph (gpt-fast's recipe)."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, key_dim: int, value_dim: int,
+                 spans: dict[int, int], linear_layers: list[int], state_shape: tuple[int, int, int],
+                 dtype: torch.dtype, device: torch.device | str):
+        self.max_len = max_len
+        self.k, self.v = {}, {}
+        for layer, span in spans.items():  # span 0: a global layer
+            n = min(span or max_len, max_len)
+            self.k[layer] = torch.zeros(batch_size, n_kv_heads, n, key_dim, dtype=dtype, device=device)
+            self.v[layer] = torch.zeros(batch_size, n_kv_heads, n, value_dim, dtype=dtype, device=device)
+        self.states = {layer: torch.zeros(batch_size, *state_shape, dtype=torch.float32, device=device)
+                       for layer in linear_layers}
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)
+        self.decoding = False  # False until the prefill has stored the prompts
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer (a compiled decode step treats them as fixed addresses it may write)."""
+        return [*self.k.values(), *self.v.values(), *self.states.values(), self.lengths, self.rows]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values(), *self.states.values()])
+
+    def reset(self, prompt_lengths: torch.Tensor) -> None:
+        """Start a batch: the next forward prefills right-padded prompts of these lengths (B,)."""
+        self.lengths.copy_(prompt_lengths)
+        for state in self.states.values():
+            state.zero_()
+        self.decoding = False
+
+    def reserve(self, n_new: int) -> int:
+        """The prefill's check: its prompts start at position 0 and must fit."""
+        if n_new > self.max_len:
+            raise ValueError(f"static KV cache: a prompt of {n_new} tokens exceeds its {self.max_len} slots")
+        return 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: store the last n positions of each row's prompt and return this call's keys and
+        values (the prompt attends to itself). Decode: write each row's key at its position's slot
+        and return the whole ring."""
+        k_ring, v_ring = self.k[layer], self.v[layer]
+        n = k_ring.shape[2]
+        if not self.decoding:
+            slot_pos = ring_positions(self.lengths - 1, n).clamp(min=0)[:, None, :, None]  # empty slots: garbage
+            k_ring.copy_(k.gather(2, slot_pos.expand(-1, k.shape[1], -1, k.shape[3])))
+            v_ring.copy_(v.gather(2, slot_pos.expand(-1, v.shape[1], -1, v.shape[3])))
+            return k, v
+        slot = self.lengths % n
+        k_ring[self.rows, :, slot] = k[:, :, 0]
+        v_ring[self.rows, :, slot] = v[:, :, 0]
+        return k_ring, v_ring
+
+    def decode_mask(self, window: int = 0, chunk: int = 0) -> torch.Tensor:
+        """(B, 1, 1, n): the slots each row's new token may see in the rings of the layers with this
+        window / chunk (both 0: global layers), from `mask_predicate` on the slots' positions."""
+        n = min(window or chunk or self.max_len, self.max_len)
+        key_pos = ring_positions(self.lengths, n)
+        allowed = (key_pos >= 0) & mask_predicate(None, window, chunk)(None, self.lengths[:, None], key_pos)
+        return allowed[:, None, None]
+
+    def advance(self) -> None:
+        """After a forward has run every layer: the prefill is done, or every row moved one position
+        on. A row past its last slot (done, its budget spent) keeps rewriting that slot."""
+        if self.decoding:
+            self.lengths.add_(1).clamp_(max=self.max_len - 1)
+        self.decoding = True
+
+
+def ring_positions(last: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n): the position held in each of a ring's n slots once positions up to `last` (B,) are
+    written (slot j holds the latest p <= last with p mod n = j); negative where none is yet."""
+    slots = torch.arange(n, device=last.device)
+    return last[:, None] - (last[:, None] - slots) % n
+
+
 def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int, batch_size: int = 1,
                    bytes_per_value: int = 2) -> int:
     """The playbook's KV-cache size: 2 (K and V) * bytes * seq * L * n_kv * d_h (per sequence).
@@ -545,7 +651,8 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("dca_sin", dca_rope[1], persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                kv_cache: KVCache | StaticKVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """cos, sin: (T, rotary_dim / 2), or (B, T, rotary_dim / 2) when rows sit at different positions."""
         B, T, _ = x.shape
         # One matmul for Q, K and V: the K and V projections are thin (n_kv_heads * head_dim
         # columns) and one wide GEMM keeps a GPU busier than three.
@@ -555,17 +662,17 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        offset = kv_cache.pos if kv_cache is not None else None
+        offset = kv_cache.pos if isinstance(kv_cache, KVCache) else None  # a static cache brings a mask
         if self.dca_chunk and self.use_rope:
-            y = self._dual_chunk(q.transpose(1, 2), k.transpose(1, 2), v, mask, kv_cache, layer, offset or 0)
+            y = self._dual_chunk(q.transpose(1, 2), k.transpose(1, 2), v, mask, kv_cache, layer)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         streaming = isinstance(kv_cache, StreamingKVCache)
         if self.use_rope:
             # Rotated while still (B, T, heads, head_dim): the new q and k are then laid out token by
             # token, as the attention kernels read them, and so is their output, which o_proj then
             # reads without a transposing copy (one copy fewer per layer, forward and backward).
-            q = apply_rope(q, cos[:, None], sin[:, None])
-            k = k if streaming else apply_rope(k, cos[:, None], sin[:, None])
+            q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+            k = k if streaming else apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
@@ -575,8 +682,12 @@ class CausalSelfAttention(nn.Module):
                    q_offset=offset)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _dual_chunk(self, q, k, v, mask, kv_cache, layer, offset):
-        q_pos = offset + torch.arange(q.shape[2], device=q.device)
+    def _dual_chunk(self, q, k, v, mask, kv_cache, layer):
+        if isinstance(kv_cache, StaticKVCache) and kv_cache.decoding:
+            q_pos = kv_cache.lengths[:, None, None]  # (B, 1, 1): each row's new token
+        else:
+            offset = kv_cache.pos if isinstance(kv_cache, KVCache) else 0
+            q_pos = offset + torch.arange(q.shape[2], device=q.device)
         key_pos = q_pos % self.dca_chunk
         k = apply_rope(k, self.dca_cos[key_pos], self.dca_sin[key_pos])
         if kv_cache is not None:  # keys are cached already rotated: their DCA position is fixed
@@ -612,15 +723,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
-                kv_cache: KVCache | None = None, layer: int = 0, absorbed: bool | None = None) -> torch.Tensor:
+                kv_cache: KVCache | StaticKVCache | None = None, layer: int = 0,
+                absorbed: bool | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, dn, dr, r = self.n_heads, self.head_dim, self.rope_dim, self.kv_lora_rank
         q_nope, q_rope = self.q_proj(x).view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
         latent, k_rope = self.kv_down(x).split([r, dr], dim=-1)
         latent, k_rope = self.kv_norm(latent)[:, None], k_rope[:, None]  # (B, 1, T, .): one "head"
-        if self.use_rope:
+        if self.use_rope:  # laid out (B, heads, T, .): per-row tables (B, T, .) need their head axis
+            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
-        offset = kv_cache.pos if kv_cache is not None else None
+        offset = kv_cache.pos if isinstance(kv_cache, KVCache) else None
         if kv_cache is not None:
             latent, k_rope = kv_cache.update(layer, latent, k_rope)
         scale = (dn + dr) ** -0.5
@@ -734,7 +847,7 @@ class GatedLinearAttention(nn.Module):
         self.norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None, mask=None, kv_cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, cos=None, sin=None, mask=None, kv_cache: KVCache | StaticKVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         """`mask` is the batch's doc_ids here (or None): a linear layer has no attention matrix."""
         B, T, _ = x.shape
@@ -747,6 +860,9 @@ class GatedLinearAttention(nn.Module):
             if T == 1:
                 y, new_state = gla_recurrent(q, k, v, log_decay, state)
             else:
+                if isinstance(kv_cache, StaticKVCache):  # right-padded prompts: padding gets k = v = 0, no decay
+                    real = (torch.arange(T, device=x.device) < kv_cache.lengths[:, None])[:, None, :, None]
+                    k, v, log_decay = k * real, v * real, log_decay * real
                 y, new_state = gla_chunked(q, k, v, log_decay, self.chunk_size, state)
             state.copy_(new_state)
         else:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from attention import (BACKENDS, CausalSelfAttention, GatedLinearAttention, KVCache, MultiHeadLatentAttention,
-                       StreamingKVCache, attention_params, build_attention_mask, rope_frequencies, rope_layers)
+                       StaticKVCache, StreamingKVCache, attention_params, build_attention_mask, rope_frequencies,
+                       rope_layers)
 from blocks import RMSNorm, SwiGLU
 from fp8 import FP8_RECIPES, convert_to_fp8
 from moe import MoE, MoEShape, add_router_losses
@@ -514,23 +515,32 @@ class Transformer(nn.Module):
         return add_router_losses(self, *loss_and_parts, self.cfg.moe_balance_coef, self.cfg.moe_router_z_coef)
 
     def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
+                      kv_cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         """(B, T, d_model): the final norm's output, which the output head turns into logits. Losses
-        that need only some of the logits (the fused loss here, dpo.token_logps) start from it."""
+        that need only some of the logits (the fused loss here, dpo.token_logps) start from it.
+
+        With a StaticKVCache, the first call prefills right-padded prompts with the training masks
+        and kernels; every later call decodes one token per row, each row at its own position."""
         B, T = idx.shape
-        start = kv_cache.reserve(T) if kv_cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
-                             f"{self.cfg.max_seq_len}; raise model.max_seq_len or shorten the input")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        decoding = isinstance(kv_cache, StaticKVCache) and kv_cache.decoding
+        if decoding:  # (B, 1, rotary_dim / 2): positions are a tensor, so the step's shapes never change
+            cos, sin = self.rope_cos[kv_cache.lengths][:, None], self.rope_sin[kv_cache.lengths][:, None]
+        else:
+            start = kv_cache.reserve(T) if kv_cache is not None else 0
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len="
+                                 f"{self.cfg.max_seq_len}; raise model.max_seq_len or shorten the input")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         masks = {}  # one mask per kind of layer, shared by the layers of that kind
         for kind in set(self.cfg.layer_kinds()):
+            window = self.cfg.sliding_window if kind == "S" else 0
+            chunk = self.cfg.attn_chunk_size if kind == "C" else 0
             if kind == "L":
                 masks[kind] = doc_ids if kv_cache is None else None
-            elif kv_cache is None:
-                masks[kind] = build_attention_mask(self.cfg.attn_backend, doc_ids, B, T, idx.device,
-                                                   window=self.cfg.sliding_window if kind == "S" else 0,
-                                                   chunk=self.cfg.attn_chunk_size if kind == "C" else 0)
+            elif decoding:
+                masks[kind] = kv_cache.decode_mask(window, chunk)
+            elif not isinstance(kv_cache, KVCache):  # training, or a static cache's prefill
+                masks[kind] = build_attention_mask(self.cfg.attn_backend, doc_ids, B, T, idx.device, window, chunk)
             else:
                 masks[kind] = None
         x = self.embed_tokens(idx)
@@ -545,7 +555,9 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
+        if isinstance(kv_cache, StaticKVCache):
+            kv_cache.advance()
+        elif kv_cache is not None:
             kv_cache.pos += T
         return self.norm(x)
 
@@ -570,6 +582,23 @@ class Transformer(nn.Module):
                 cache.states[i] = torch.zeros(batch_size, cfg.n_heads, cfg.head_dim, cfg.head_dim,
                                               dtype=p.dtype, device=p.device)
         return cache
+
+    def new_static_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
+        """The fixed-shape cache of generate.py (attention.StaticKVCache): a ring per attention layer
+        (max_len slots, or a sliding-window or chunked layer's span), a float32 state per
+        linear-attention layer."""
+        cfg, p = self.cfg, self.lm_head.weight
+        kinds = cfg.layer_kinds()
+        spans = {"S": cfg.sliding_window, "C": cfg.attn_chunk_size}
+        if cfg.attn_type == "mla":
+            rope_dim, rank = cfg.mla_dims
+            heads, key_dim, value_dim = 1, rank, rope_dim
+        else:
+            heads, key_dim, value_dim = cfg.n_kv_heads, cfg.head_dim, cfg.head_dim
+        return StaticKVCache(batch_size, max_len, heads, key_dim, value_dim,
+                             {i: spans.get(kind, 0) for i, kind in enumerate(kinds) if kind != "L"},
+                             [i for i, kind in enumerate(kinds) if kind == "L"],
+                             (cfg.n_heads, cfg.head_dim, cfg.head_dim), p.dtype, p.device)
 
     def new_streaming_cache(self, batch_size: int, n_sink: int, window: int) -> StreamingKVCache:
         """StreamingLLM's bounded cache: the first n_sink tokens plus the last `window`."""

