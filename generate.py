@@ -251,7 +251,7 @@ def _device_generator(generator: torch.Generator | None, device: torch.device) -
     from it (the noise is drawn on the device, and the same seed still gives the same tokens)."""
     if generator is None or generator.device == device:
         return generator
-    seed = int(torch.randint(2**62, (), generator=generator))
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
     return torch.Generator(device=device).manual_seed(seed)
 
 
