@@ -274,10 +274,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str
     cache passes q_offset (the position of the first query) instead, and the mask is rebuilt here
     from positions, on SDPA (decoding one document at a time, never across documents). The keys
     are always the latest ones, ending with the queries' own: a windowed cache passes fewer. A
-    static cache (StaticKVCache) passes its boolean mask of valid slots instead of q_offset."""
-    if isinstance(mask, torch.Tensor):  # a boolean mask is SDPA's (documents, or a static cache's slots)
+    static cache (StaticKVCache) passes its boolean mask of valid slots instead of q_offset. A mask
+    of None (plain causal) or a boolean tensor runs on SDPA whatever the back end; flex takes
+    BlockMasks."""
+    if mask is None or isinstance(mask, torch.Tensor):
         backend = "sdpa"
-        if q.shape[2] == 1 and sinks is None:
+        if mask is not None and q.shape[2] == 1 and sinks is None:
             return one_query_attention(q, k, v, mask, scale)
     if q_offset is not None:
         Tq, Tk = q.shape[2], k.shape[2]

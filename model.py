@@ -539,8 +539,10 @@ class Transformer(nn.Module):
                 masks[kind] = doc_ids if kv_cache is None else None
             elif decoding:
                 masks[kind] = kv_cache.decode_mask(window, chunk)
-            elif not isinstance(kv_cache, KVCache):  # training, or a static cache's prefill
+            elif kv_cache is None:
                 masks[kind] = build_attention_mask(self.cfg.attn_backend, doc_ids, B, T, idx.device, window, chunk)
+            elif isinstance(kv_cache, StaticKVCache):  # the prefill, on SDPA: flex would compile per prompt shape
+                masks[kind] = build_attention_mask("sdpa", None, B, T, idx.device, window, chunk)
             else:
                 masks[kind] = None
         x = self.embed_tokens(idx)

@@ -36,6 +36,7 @@ VARIANTS = {
     "nope": dict(nope_every=1),
     "partial_rope_yarn": dict(rope_fraction=0.5, yarn_factor=2.0),
     "moe": dict(moe=True, moe_experts=4, moe_top_k=2, moe_impl="reference"),
+    "flex_backend": dict(attn_backend="flex", d_model=64, layer_pattern="SG", sliding_window=5),  # prefill on SDPA
 }
 PROMPT_LENGTHS = [3, 11, 1, 7, 16]  # ragged, and past every window, chunk and GLA chunk above
 
