@@ -16,7 +16,8 @@ the same uncompiled, the sampler before it (Transformer.generate, one batch per 
 Hugging Face `generate` eager (its dynamic cache) and with `cache_implementation="static"` (which
 it compiles itself, mode="reduce-overhead"). Rollouts: GRPO-like, 8 prompts of 8 different
 lengths x 8 samples = 64 rows of 128 sampled tokens (temperature 1), the sampler before against
-generate.generate. Writes bench_generate.json and bench_generate.md to --out.
+generate.generate. Writes bench_generate.json (with Dynamo's graph, break and recompile counts)
+and bench_generate.md to --out; --profile adds profile_batch1.txt, a batch-1 call's kernels.
 """
 
 from __future__ import annotations
@@ -173,6 +174,24 @@ def bench_rollouts(model, repeats: int, new_tokens: int = 128, group: int = 8) -
             "before_tok_per_s": tokens / t_before, "after_tok_per_s": tokens / t_after, "speedup": t_before / t_after}
 
 
+def profile_decode(model, prompt_len: int, new_tokens: int = 32) -> str:
+    """torch.profiler's table of one batch-1 call (compiled, warmed up): where a decode step's time
+    goes, kernel by kernel, for when the figures disappoint."""
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(3))
+    generate.generate(model, prompt.tolist(), new_tokens)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        generate.generate(model, prompt.tolist(), new_tokens)
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+
+
+def compile_counters() -> dict:
+    """Dynamo's graphs, graph breaks and recompiles, and Inductor's CUDA-graph skips, if any."""
+    from torch._dynamo.utils import counters
+    return {"stats": dict(counters["stats"]), "graph_breaks": dict(counters["graph_break"]),
+            "cudagraph": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}}
+
+
 def markdown(report: dict) -> str:
     hf = "hf_eager" in report["batches"][0]["tok_per_s"]
     head = "| batch | ours: generate.generate | ours, uncompiled | before (Transformer.generate) |"
@@ -206,6 +225,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed calls of the fast variants (median)")
     p.add_argument("--no-rollouts", action="store_true", help="skip the GRPO-like rollout comparison")
+    p.add_argument("--profile", action="store_true", help="also write profile_batch1.txt: a batch-1 call's kernels")
     p.add_argument("--shape", choices=("smollm2", "tiny"), default="smollm2", help="tiny: a CPU smoke test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="folder for bench_generate.json and bench_generate.md")
@@ -224,12 +244,16 @@ def main() -> None:
     report["time_to_first_token"] = time_to_first_token(model, hf, args.prompt_len, args.repeats)
     if not args.no_rollouts:
         report["rollouts"] = bench_rollouts(model, args.repeats)
+    report["compile_counters"] = compile_counters()
     table = markdown(report)
     print(table)
+    profile = profile_decode(model, args.prompt_len) if args.profile and args.device.startswith("cuda") else None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_generate.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.out / "bench_generate.md").write_text(table)
+        if profile:
+            (args.out / "profile_batch1.txt").write_text(profile)
 
 
 if __name__ == "__main__":
