@@ -187,7 +187,8 @@ class _Rows:
     def start(self, rooms: list[int], stop_ids: Collection[int]) -> None:
         self.room.copy_(torch.tensor(rooms))
         self.stop.fill_(-1)  # -1 is no token: unused slots never match
-        self.stop[:len(stop_ids)] = torch.tensor(sorted(stop_ids), dtype=torch.long)
+        stops = sorted(set(stop_ids))
+        self.stop[:len(stops)] = torch.tensor(stops, dtype=torch.long)
         self.done.zero_()
         self.step.zero_()
 
