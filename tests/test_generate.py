@@ -283,15 +283,16 @@ def test_compiled_bf16_equals_eager_on_the_first_tokens_and_does_not_recompile_w
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gemma3_like", "mla_sliding", "hybrid_linear"])
-def test_compiled_float32_equals_the_reference_token_for_token(name):
+@pytest.mark.parametrize("name, seed", [("gemma3_like", 1), ("mla_sliding", 3), ("hybrid_linear", 0)])
+def test_compiled_float32_equals_the_reference_token_for_token(name, seed):
     """In float32 the compiled CUDA-graph path (rings, masks, MLA's latent, a linear layer's state)
-    gives the reference's greedy tokens exactly, for a ragged batch."""
+    gives the reference's greedy tokens exactly, for a ragged batch. (Seeds whose top-2 logits stay
+    at least 0.01 apart over these 16 tokens, checked on CPU: float32 kernel differences are ~1e-5.)"""
     torch._dynamo.reset()
-    m = tiny_model(**VARIANTS[name]).cuda()
+    m = tiny_model(seed=seed, **VARIANTS[name]).cuda()
     prompts = prompts_of(PROMPT_LENGTHS)
-    for prompt, tokens in zip(prompts, gen.generate(m, prompts, 24, compiled=True)):
-        assert tokens == reference(m, prompt, 24), (name, len(prompt))
+    for prompt, tokens in zip(prompts, gen.generate(m, prompts, 16, compiled=True)):
+        assert tokens == reference(m, prompt, 16), (name, len(prompt))
 
 
 @pytest.mark.gpu
