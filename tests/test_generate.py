@@ -278,7 +278,7 @@ def test_compiled_bf16_equals_eager_on_the_first_tokens_and_does_not_recompile_w
             assert abs(logits[e[n]] - logits[c[n]]) <= 0.125, (n, logits[e[n]], logits[c[n]])
     assert agree >= 24, (compiled, eager)
     graphs = counters["stats"]["unique_graphs"]
-    again = gen.generate(m, prompts_of([12, 3, 20, 7], seed=5, vocab=512), 40, compiled=True)  # same buckets
+    again = gen.generate(m, prompts_of([12, 3, 20, 7], seed=5, vocab=512), 24, compiled=True)  # buckets 4 x 48 again
     assert counters["stats"]["unique_graphs"] == graphs and len(again) == 4
 
 
