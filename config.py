@@ -166,24 +166,28 @@ def config_to_toml(cfg: dict) -> str:
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The comment written beside each field of a dataclass (continued on comment-only lines below
-    it), read from its source: the one description of a setting, shown by --help."""
+    """The comment written beside each field of a dataclass, continued on the comment-only lines
+    indented under it, read from its source: the one description of a setting, shown by --help.
+    A comment-only line at the fields' own indentation is a heading for the fields below it."""
     comments: dict[str, list[str]] = {}
     current, line_has_code = None, False
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.string == "def":
+            break  # methods follow the fields
         if tok.type == tokenize.NAME and tok.start[1] == 4 and not line_has_code:
             current = tok.string  # a candidate field name at class-body indentation
         if tok.type == tokenize.OP and tok.string == ":" and current and not line_has_code:
             comments.setdefault(current, [])
             line_has_code = True
-        elif tok.type == tokenize.COMMENT and current in comments:
-            comments[current].append(tok.string.lstrip("#").strip())
-        elif tok.type in (tokenize.NEWLINE, tokenize.NL):
-            if tok.type == tokenize.NEWLINE and not line_has_code:
-                current = None
+        elif tok.type == tokenize.COMMENT:
+            if not line_has_code and tok.start[1] <= 4:
+                current = None  # a heading, not a continuation
+            elif current in comments:
+                comments[current].append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.NEWLINE:
             line_has_code = False
-        elif tok.type == tokenize.NAME and tok.string == "def":
-            break  # methods follow the fields
+        elif tok.type == tokenize.NL and line_has_code:
+            line_has_code = False
     return {name: " ".join(c for c in parts if c) for name, parts in comments.items()}
 
 

@@ -52,20 +52,20 @@ from tokenizer import eot_id, load_tokenizer, save_tokenizer, train_bpe
 @dataclass
 class DataConfig:
     dir: str = "data_cache"        # tokenizer file and token shards live here, one folder per vocab
-    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))  # source -> share of tokens
     val_fraction: float = 0.05     # share of each source's documents held out, chosen by seed
     seed: int = 1337               # document split, window order and mixture all derive from it
     num_workers: int = 0           # tokenizing processes; 0 = one per CPU core
     # a tokenizer file to use instead of training one: this project's, or a Hugging Face
     # tokenizer.json (byte-level BPE, e.g. Llama 3.2's or SmolLM2's); model.vocab_size >= its ids
-    tokenizer: str = ""
+    tokenizer: str = ""            # (see above) "": train one on the embedded sample
     tokenizer_train_bytes: int = 0  # 0 = tokenizer.py's default sample size
     max_docs: int = 0              # use at most this many documents per source (0: all); for smoke tests
     # Later mixture stages in one run (SmolLM3: three, the last an annealing on higher-quality data):
     # stage k + 1 draws with stage_weights[k] from stage_starts[k] (a fraction of the run) on;
     # data.weights is the first stage, and the validation mixture throughout.
-    stage_starts: tuple[float, ...] = ()
-    stage_weights: tuple[dict[str, float], ...] = ()
+    stage_starts: tuple[float, ...] = ()                 # where each later stage begins, fractions of the run
+    stage_weights: tuple[dict[str, float], ...] = ()   # each later stage's mixture
 
     def __post_init__(self):
         for key, weights in [("data.weights", self.weights)] + [

@@ -18,6 +18,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # Dense bf16 peak FLOP/s per device (no sparsity), for MFU; matched against the GPU's name.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
@@ -107,12 +110,11 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype, device: 
     forward compiles as one graph (embedding, final norm and the loss's casts fuse too)."""
     sharded = parallelism == "fsdp"
     if compiled and device.type == "cuda":
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # here: loading Inductor takes seconds, CPU runs skip it
         for key, value in INDUCTOR_GPU_SETTINGS.items():
             setattr(inductor_config, key, value)
     train_model = model
     if sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         if compiled:
             for block in model.blocks:
                 block.compile()
@@ -121,7 +123,6 @@ def parallelize(model: nn.Module, parallelism: str, dtype: torch.dtype, device: 
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                           gradient_as_bucket_view=True)
     if compiled and not sharded:
@@ -135,12 +136,12 @@ def is_sharded(model: nn.Module) -> bool:
     return any(getattr(p, "device_mesh", None) is not None for p in model.parameters())
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight, whole, on the CPU (gathered from all ranks under FSDP; a collective there)."""
+def full_state_dict(model: nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight, whole (gathered from all ranks under FSDP: a collective there): on rank 0's
+    CPU, or with all_ranks on every rank's device."""
     if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
 
 
 def teardown() -> None:

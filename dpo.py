@@ -1,36 +1,32 @@
-"""Preference optimisation: an SFT model learns from pairs of its own answers, one better than the other.
+"""Preference optimisation: a model learns from pairs of answers, one better than the other.
 
     python sft.py                                   # runs/tiny -> runs/tiny-sft (the starting point)
-    python dpo.py                                   # runs/tiny-sft -> runs/tiny-dpo: APO-zero, built-in pairs
-    python dpo.py --loss dpo --beta 0.1 --name tiny-dpo-sigmoid
-    python dpo.py --loss orpo --name tiny-orpo      # no reference model
-    python dpo.py --data on_policy                  # the model's own samples, verified and paired
+    python dpo.py                                   # configs/dpo_tiny.toml: runs/tiny-sft -> runs/tiny-dpo, APO-zero
+    python dpo.py --dpo.loss=dpo --dpo.beta=0.1 --run.name=tiny-dpo-sigmoid
+    python dpo.py --dpo.loss=orpo --run.name=tiny-orpo       # no reference model
+    python dpo.py --dpo.pairs=on_policy                      # the model's own samples, verified and paired
+    python dpo.py --config configs/dpo_smollm2.toml          # SmolLM2-135M-Instruct, APO-zero as SmolLM3
 
-The default pairs are off-policy (the right answer against a corrupted one) because the tiny CPU
-model rarely answers right, and on-policy pairs need questions where some samples are right and
-some wrong; with a model that sometimes succeeds, on-policy is the playbook's method.
+The tiny model's default pairs are off-policy (the right answer against a corrupted one) because
+it rarely answers right, and on-policy pairs need questions where some samples are right and some
+wrong; with a model that sometimes succeeds, on-policy is the playbook's method. Pairs may also
+come from a file of TRL's preference format ({"prompt", "chosen", "rejected"}).
 
 The story, top to bottom (the playbook's preference-optimisation section):
 1. Response log-probabilities: log pi(y | x) summed over the tokens the assistant writes, for the
-   policy and for a frozen reference (the SFT model). Every loss below is a function of these.
+   policy and for a frozen reference (the starting model). Every loss below is a function of these.
 2. The losses, each a few lines with its formula: DPO, IPO, APO-zero, APO-down (SmolLM3 used APO),
    paired KTO and ORPO, following TRL's DPOTrainer / ORPOTrainer, which SmolLM3 was trained with.
 3. Preference data, on-policy: sample k answers per prompt from the model itself, score them with
-   the verifier of the built-in tasks, pair the best with the worst. Off-policy pairs (the correct
-   answer against a corrupted one) let a workshop skip the sampling.
+   the task's verifier, pair the best with the worst. Off-policy: built-in or from a file.
 4. Training: the playbook's settings -- learning rate ~10x below SFT's, beta 0.1 (scan 0.01-0.5),
-   one epoch (preference training overfits after one).
+   one epoch (preference training overfits after one); the reference's log-probs once per batch.
 5. The report: loss, reward accuracy and margin, answer accuracy per task and mode before and after.
-
-One process (CPU or one GPU), like sft.py.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
-import json
 import math
 import random
 import sys
@@ -38,13 +34,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
-from optim import OptimConfig, build_optimizer, lr_at
-from sft import (TASKS, Example, accuracy, accuracy_table, chat_segments, check_answer, make_examples, make_rows,
-                 generate_completions, held_out_examples, load_start, parse_args, render_chat, save_model)
+from chat import chat_segments, render_chat
+from config import ConfigError, load_config as read_config, parse_cli
+from distributed import all_reduce_mean
+from generate import generate
+from optim import OptimConfig
+from posttrain import (MODES, TASKS, EpochOrder, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, check_answer,
+                       global_mean_scale, held_out_examples, load_preferences, make_examples, mean_of, prompt_ids)
+from sft import make_rows
+from tokenizer import eot_id, special_id
 
 # --------------------------------------------------------------------------------------------
 # 1. Response log-probabilities
@@ -53,23 +56,17 @@ from sft import (TASKS, Example, accuracy, accuracy_table, chat_segments, check_
 
 @dataclass(frozen=True)
 class Pair:
-    """One preference: a prompt (an Example's question in one reasoning mode) and two completions,
-    the preferred (chosen) and the dispreferred (rejected), as text and as the ids the model reads.
-    Completions start after the generation prompt and end with <|im_end|> when the model stopped."""
-    example: Example
-    thinking: bool
+    """One preference: a prompt and two completions, the preferred (chosen) and the dispreferred
+    (rejected), as text and as the ids the model reads. Completions start after the generation
+    prompt and end with <|im_end|> when the model stopped. `example` is the task question the pair
+    was built from (None for pairs read from a file)."""
     prompt_ids: tuple[int, ...]
     chosen: str
     rejected: str
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
-
-
-def prompt_ids(enc, example: Example, thinking: bool) -> list[int]:
-    """The question as sft.py's chat template renders it, up to and including the assistant header
-    (in no-think mode that header holds the empty think block, as at generation time)."""
-    return enc.encode(render_chat(example.messages()[:1], thinking=thinking, add_generation_prompt=True),
-                      allowed_special="all")
+    thinking: bool | None = None
+    example: Example | None = None
 
 
 def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,41 +82,18 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, targets
 
 
-LOGPS_CHUNK_TOKENS = 4096  # positions whose logits and float32 log-softmax exist at once (~7 GiB at a 128k vocab)
-
-
-def _picked_logps(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
-    logits = F.linear(h, head_weight)  # the model's output head, under the caller's autocast
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-
-
-def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logps(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
     """(N, T): log pi(targets[t] | ids[:t + 1]) where targets is not -100, 0 elsewhere.
 
     `temperature` divides the logits: rl.py scores its samples under the distribution that drew
-    them (softmax(logits / T)), as TRL's GRPOTrainer does; preference losses use T = 1.
-    Log-softmax in float32 (the losses take differences of sums of hundreds of log-probs, where
-    bf16's 3 significant digits would drown the signal); bf16 forward on GPU, as sft.py trains.
-    The output head, the float32 log-softmax and the pick run LOGPS_CHUNK_TOKENS positions at a
-    time from the model's hidden states and are recomputed in backward (activation
-    checkpointing): at a 128k vocabulary no (N, T, V) tensor exists, neither the logits nor a
-    float32 copy nor their log-softmax, only one chunk's (bf16 logits and three float32 tensors of
-    4096 x 128k: ~7 GiB). `model` is a plain Transformer (LoRA-wrapped layers are fine; a compiled
-    or DDP-wrapped one would need its inner module)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
-        h = model.hidden_states(ids)
-        flat, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        picked = torch.cat([
-            torch.utils.checkpoint.checkpoint(_picked_logps, flat[start:start + LOGPS_CHUNK_TOKENS],
-                                              model.lm_head.weight, flat_targets[start:start + LOGPS_CHUNK_TOKENS],
-                                              temperature, use_reentrant=False)
-            for start in range(0, flat.shape[0], LOGPS_CHUNK_TOKENS)]).view_as(targets)
-    return torch.where(targets != -100, picked, 0.0)
+    them (softmax(logits / T)), as TRL's GRPOTrainer does; preference losses use T = 1. The model
+    computes them in float32 without ever holding the whole logits (model.token_logprobs); `model`
+    may be the DDP- or FSDP-wrapped module, whose forward sees every use of the weights."""
+    return model(ids, targets, logprobs=True, temperature=temperature)
 
 
-def response_logps(model, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the SUM of log p(target token) over positions whose target is not -100 (the
     response), and the COUNT of those tokens (IPO and ORPO use the average, sum / count). Right
     padding cannot change a real token's log-prob under causal attention, so no attention mask."""
@@ -236,47 +210,47 @@ def preference_loss(kind: str, policy_chosen: torch.Tensor, policy_rejected: tor
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Preference data: on-policy (the model's own samples, scored) and off-policy (built-in)
+# 3. Preference data: on-policy (the model's own samples, scored), off-policy (built-in, a file)
 # --------------------------------------------------------------------------------------------
 
 
-def build_pairs(model, enc, examples: list[Example], k: int = 4, temperature: float = 1.0,
-                max_new_tokens: int = 64, thinking: bool = False, seed: int = 0,
+def build_pairs(model: torch.nn.Module, enc: tiktoken.Encoding, examples: list[Example], k: int = 4,
+                temperature: float = 1.0, max_new_tokens: int = 64, thinking: bool | None = False, seed: int = 0,
                 top_k: int | None = None) -> tuple[list[Pair], dict[str, int]]:
-    """On-policy pairs: k sampled completions per question, scored by the verifier (sft.check_answer),
-    ranked by (score, then shorter first); the best is chosen, the worst rejected. A question whose
-    samples all score the same teaches no preference and is skipped.
+    """On-policy pairs: k sampled completions per question (all questions in one call of the
+    project's sampler), scored by the question's verifier, ranked by (score, then shorter first);
+    the best is chosen, the worst rejected. A question whose samples all score the same teaches no
+    preference and is skipped.
 
     Returns the pairs and counts: prompts, pairs, skipped (all equal), samples, correct samples."""
     if k < 2:
         raise ValueError(f"need at least 2 samples per prompt to make a pair, got k={k}")
-    end = enc.encode("<|im_end|>", allowed_special="all")[0]
+    end = special_id(enc, "<|im_end|>")
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    prompts = [prompt_ids(enc, ex, thinking) for ex in examples]
+    samples = generate(model, prompts, max_new_tokens, k=k, temperature=temperature, top_k=top_k, stop_ids=[end],
+                       generator=gen) if examples else []
     pairs, counts = [], {"prompts": len(examples), "pairs": 0, "skipped": 0, "samples": 0, "correct": 0}
-    for ex in examples:
-        prompt = prompt_ids(enc, ex, thinking)
-        if len(prompt) >= model.cfg.max_seq_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in max_seq_len={model.cfg.max_seq_len}")
-        # the k samples keep the <|im_end|> the model wrote
-        samples = generate_completions(model, [prompt], k, temperature, max_new_tokens, end, gen, top_k)
-        texts = [enc.decode(s) for s in samples]
+    for i, (ex, prompt) in enumerate(zip(examples, prompts)):
+        mine = samples[i * k:(i + 1) * k]  # the k samples keep the <|im_end|> the model wrote
+        texts = [enc.decode(s) for s in mine]
         scores = [float(check_answer(ex, t)) for t in texts]
         counts["samples"] += k
         counts["correct"] += int(sum(scores))
         if len(set(scores)) == 1:
             counts["skipped"] += 1
             continue
-        ranked = sorted(range(k), key=lambda i: (-scores[i], len(samples[i])))
+        ranked = sorted(range(k), key=lambda j: (-scores[j], len(mine[j])))
         best, worst = ranked[0], ranked[-1]
-        pairs.append(Pair(ex, thinking, tuple(prompt), texts[best], texts[worst], tuple(samples[best]),
-                          tuple(samples[worst])))
+        pairs.append(Pair(tuple(prompt), texts[best], texts[worst], tuple(mine[best]), tuple(mine[worst]),
+                          thinking, ex))
     counts["pairs"] = len(pairs)
     return pairs, counts
 
 
 def completion_text(example: Example, answer: str, thinking: bool) -> str:
     """What the assistant writes for this answer in the given mode, <|im_end|> included: exactly the
-    loss-carrying piece of sft.py's chat template (think mode: the reasoning block, then the answer)."""
+    loss-carrying piece of the chat template (think mode: the reasoning block, then the answer)."""
     messages = [{"role": "user", "content": example.question},
                 {"role": "assistant", "content": answer, "reasoning": example.reasoning}]
     return next(text for text, is_output in chat_segments(messages, thinking) if is_output)
@@ -297,7 +271,8 @@ def corrupt_answer(example: Example, rng: random.Random) -> str:
     raise ValueError(f"no corruption for task {example.task!r}; choose from {TASKS}")
 
 
-def off_policy_pairs(enc, examples: list[Example], thinking: bool, seed: int = 0) -> list[Pair]:
+def off_policy_pairs(enc: tiktoken.Encoding, examples: list[Example], thinking: bool | None,
+                     seed: int = 0) -> list[Pair]:
     """Pairs without sampling: the correct answer (chosen) against a corrupted one (rejected), both
     written in the template's words. Off-policy: neither completion came from the model."""
     rng = random.Random(seed)
@@ -305,9 +280,25 @@ def off_policy_pairs(enc, examples: list[Example], thinking: bool, seed: int = 0
     for ex in examples:
         chosen = completion_text(ex, ex.answer, thinking)
         rejected = completion_text(ex, corrupt_answer(ex, rng), thinking)
-        pairs.append(Pair(ex, thinking, tuple(prompt_ids(enc, ex, thinking)), chosen, rejected,
+        pairs.append(Pair(tuple(prompt_ids(enc, ex, thinking)), chosen, rejected,
                           tuple(enc.encode(chosen, allowed_special="all")),
-                          tuple(enc.encode(rejected, allowed_special="all"))))
+                          tuple(enc.encode(rejected, allowed_special="all")), thinking, ex))
+    return pairs
+
+
+def file_pairs(enc: tiktoken.Encoding, path: str) -> list[Pair]:
+    """Pairs of a preference file (posttrain.load_preferences): the prompt rendered with the chat
+    template up to the assistant header, each answer as the assistant writes it (+ <|im_end|>)."""
+    pairs = []
+    for n, (prompt, chosen, rejected) in enumerate(load_preferences(path), 1):
+        texts = []
+        for answer in (chosen, rejected):
+            if [m["role"] for m in answer] != ["assistant"]:
+                raise ValueError(f"{path}: row {n}: 'chosen' and 'rejected' must each be one assistant answer")
+            texts.append(next(t for t, out in chat_segments(prompt + answer)[::-1] if out))
+        ids = enc.encode(render_chat(prompt, add_generation_prompt=True), allowed_special="all")
+        pairs.append(Pair(tuple(ids), texts[0], texts[1], *(tuple(enc.encode(t, allowed_special="all"))
+                                                            for t in texts)))
     return pairs
 
 
@@ -318,142 +309,150 @@ def off_policy_pairs(enc, examples: list[Example], thinking: bool, seed: int = 0
 
 @dataclass
 class DPOConfig:
-    init: str = "runs/tiny-sft"    # the SFT model (a run folder of sft.py); also the frozen reference
-    name: str = "tiny-dpo"         # output: <out_dir>/<name>
-    out_dir: str = "runs"
     loss: str = "apo_zero"         # one of LOSSES; SmolLM3 used APO
     beta: float = 0.1              # the playbook: 0.1, scan 0.01-0.5 (ORPO: its lambda)
-    data: str = "off_policy"       # "on_policy" (sample, verify, pair) or "off_policy" (built-in answers)
-    prompts: int = 400             # questions to build pairs from, half in each reasoning mode
+    pairs: str = "off_policy"      # on_policy (sample, verify, pair) | off_policy (built-in answers) | a .jsonl/.parquet
+                                   # file of {"prompt", "chosen", "rejected"} rows
+    prompts: int = 400             # built-in questions to build pairs from, shared out over dpo.modes
+    modes: tuple[str, ...] = ("think", "no_think")  # the modes questions are asked in (and accuracy measured in):
+                                                   # think | no_think | plain (ChatML without a reasoning flag)
     samples: int = 4               # on-policy completions per question
     temperature: float = 1.0       # sampling temperature of the candidates
-    eval_examples: int = 30        # per task, held out (sft.py's seed + 1 set: the same questions)
-    pairs_per_step: int = 8
+    max_new_tokens: int = 64       # on-policy: the candidates' length limit
+    eval_examples: int = 30        # per task, held out (posttrain.held_out_examples: the same questions as sft.py)
+    pairs_per_step: int = 8        # over all processes
     epochs: float = 1.0            # the playbook: preference training overfits after one epoch
-    lr: float = 1e-4               # ~10x below sft.py's 1e-3 (the playbook)
-    warmup_steps: int = 5
-    seed: int = 0
-    device: str = "auto"
-    max_new_tokens: int = 64
+
+    def __post_init__(self):
+        check_loss_args(self.loss, self.beta)
+        if self.pairs == "on_policy" and self.samples < 2:
+            raise ValueError(f"dpo.samples={self.samples}: on-policy pairs need at least 2 samples per question")
+        if self.pairs not in ("on_policy", "off_policy") and not Path(self.pairs).is_file():
+            raise ValueError(f"dpo.pairs={self.pairs!r}: on_policy, off_policy, or an existing preference file")
+        if not self.modes or not set(self.modes) <= set(MODES):
+            raise ValueError(f"dpo.modes={list(self.modes)}: a non-empty list of {list(MODES)}")
+        if self.prompts < 1 or self.pairs_per_step < 1 or self.epochs <= 0 or self.max_new_tokens < 1:
+            raise ValueError("dpo.prompts, dpo.pairs_per_step and dpo.max_new_tokens must be >= 1, dpo.epochs > 0")
 
 
-def check_config(cfg: DPOConfig) -> None:
-    """ValueError, one line, for a setting that cannot work (before anything is loaded)."""
-    check_loss_args(cfg.loss, cfg.beta)
-    if cfg.data not in ("on_policy", "off_policy"):
-        raise ValueError(f"--data {cfg.data!r}: choose from on_policy, off_policy")
-    if cfg.data == "on_policy" and cfg.samples < 2:
-        raise ValueError(f"--samples {cfg.samples}: on-policy pairs need at least 2 samples per question")
-    if cfg.prompts < 1 or cfg.pairs_per_step < 1 or cfg.epochs <= 0 or cfg.lr <= 0:
-        raise ValueError("--prompts and --pairs-per-step must be >= 1, --epochs and --lr > 0")
+SECTIONS = {"run": RunConfig, "optim": OptimConfig, "dpo": DPOConfig}
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "dpo_tiny.toml"
 
 
-def preference_pairs(cfg: DPOConfig, model, enc, examples: list[Example], log=print) -> tuple[list[Pair], dict]:
-    """The training pairs of the configured kind, half of the questions in each reasoning mode."""
-    halves = ((True, examples[0::2]), (False, examples[1::2]))
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """{"run", "optim", "dpo"} from a TOML file (default configs/dpo_tiny.toml) and overrides."""
+    return read_config(path or DEFAULT_CONFIG, overrides, sections=SECTIONS)
+
+
+def preference_pairs(cfg: DPOConfig, model: torch.nn.Module | None, enc: tiktoken.Encoding, examples: list[Example],
+                     seed: int, log=print) -> tuple[list[Pair], dict]:
+    """The training pairs of the configured kind: from a file, or the questions shared out over the
+    reasoning modes. On-policy under torchrun, each process samples its share of the questions and
+    every process gets all pairs, in one order."""
+    if cfg.pairs not in ("on_policy", "off_policy"):
+        pairs = file_pairs(enc, cfg.pairs)
+        log(f"  {len(pairs):,} pairs from {cfg.pairs}")
+        return pairs, {"file": {"pairs": len(pairs)}}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pairs, counts = [], {}
-    for thinking, exs in halves:
-        mode = "think" if thinking else "no_think"
-        if cfg.data == "off_policy":
-            found = off_policy_pairs(enc, exs, thinking, cfg.seed)
+    for i, mode in enumerate(cfg.modes):
+        thinking, exs = MODES[mode], examples[i::len(cfg.modes)]
+        if cfg.pairs == "off_policy":
+            found = off_policy_pairs(enc, exs, thinking, seed)
             counts[mode] = {"prompts": len(exs), "pairs": len(found)}
         else:
-            found, counts[mode] = build_pairs(model, enc, exs, cfg.samples, cfg.temperature, cfg.max_new_tokens,
-                                              thinking, cfg.seed)
+            found, counts[mode] = build_pairs(model, enc, exs[rank::world], cfg.samples, cfg.temperature,
+                                              cfg.max_new_tokens, thinking, seed + rank)
+            if world > 1:
+                shares, tallies = [None] * world, [None] * world
+                dist.all_gather_object(shares, found)
+                dist.all_gather_object(tallies, counts[mode])
+                found = [p for share in shares for p in share]
+                counts[mode] = {k: sum(t[k] for t in tallies) for k in tallies[0]}
         pairs += found
         log(f"  {mode:8s} " + ", ".join(f"{k} {v:,}" for k, v in counts[mode].items()))
     return pairs, counts
 
 
-def preference_train(cfg: DPOConfig, log=functools.partial(print, flush=True)) -> dict:
+def preference_train(cfg: dict, log=print) -> dict:
     """Run preference optimisation as configured and return the report (also <run>/report.json)."""
-    check_config(cfg)
-    model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python sft.py")
-    eval_set = held_out_examples(cfg.eval_examples)
-    # fresh questions (seed + 2: not sft.py's training stream), none of the held-out ones
-    questions = make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in eval_set})
-    log(f"{cfg.data.replace('_', '-')} preference pairs from {len(questions):,} questions:")
-    t0 = time.time()
-    pairs, data_counts = preference_pairs(cfg, model, enc, questions, log)
-    if not pairs:
-        raise SystemExit("error: no preference pairs: every question's samples scored the same; raise --samples "
-                         "or --temperature, or use --data off_policy")
-    log(f"{len(pairs):,} pairs in {time.time() - t0:.0f}s")
-    before = accuracy(model, enc, eval_set, cfg.max_new_tokens)
-
-    # the reference is the starting policy, frozen (ORPO has none)
-    ref = None if cfg.loss == "orpo" else copy.deepcopy(model).eval().requires_grad_(False)
-    pad_id = enc.encode("<|endoftext|>", allowed_special="all")[0]
-    steps = max(1, math.ceil(cfg.epochs * len(pairs) / cfg.pairs_per_step))
-    batch = min(cfg.pairs_per_step, len(pairs))
-    # no weight decay: it would pull the weights toward zero, while the loss already holds them
-    # near the reference
-    ocfg = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=min(cfg.warmup_steps, steps // 2),
-                       weight_decay=0.0)
-    optimizer = build_optimizer(model, ocfg)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(pairs), generator=gen)
-    history, pos = [], 0
-    model.train()
-    t0 = time.time()
-    for step in range(1, steps + 1):
-        if pos + batch > len(pairs):  # a new epoch: reshuffle (a partial last batch is dropped)
-            order, pos = torch.randperm(len(pairs), generator=gen), 0
-        chunk = [pairs[i] for i in order[pos:pos + batch].tolist()]
-        pos += batch
-        lr = lr_at(step - 1, ocfg, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ids, targets = pair_batch(chunk, pad_id)
-        ids, targets = ids.to(device), targets.to(device)
-        logps, n_tokens = response_logps(model, ids, targets)
-        ref_logps = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logps, _ = response_logps(ref, ids, targets)
-        n = len(chunk)
-        loss, m = preference_loss(cfg.loss, logps[:n], logps[n:], ref_logps[:n] if ref is not None else None,
-                                  ref_logps[n:] if ref is not None else None, cfg.beta,
-                                  n_tokens[:n].float(), n_tokens[n:].float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step, "loss": loss.item(), "lr": lr, **m})
-        metrics_file.write(json.dumps(history[-1]) + "\n")
-        if step % 10 == 0 or step == steps:
-            recent = history[-10:]
-            log(f"step {step:4d}/{steps} | loss {mean_of(recent, 'loss'):.4f} | reward acc "
-                f"{mean_of(recent, 'accuracy'):.0%} | margin {mean_of(recent, 'margin'):+.4f} | lr {lr:.2e}")
-    seconds = time.time() - t0
-    metrics_file.close()
-    after = accuracy(model, enc, eval_set, cfg.max_new_tokens)
-    window = history[-max(1, min(10, steps // 4)):]
-    report = {"loss_type": cfg.loss, "beta": cfg.beta, "data": cfg.data, "pairs": len(pairs),
-              "pair_counts": data_counts, "steps": steps, "seconds": seconds, "first_loss": history[0]["loss"],
-              "final_loss": mean_of(window, "loss"), "final_reward_accuracy": mean_of(window, "accuracy"),
-              "final_margin": mean_of(window, "margin"), "accuracy_before": before, "accuracy_after": after}
-    save_model(model, data_cfg, run_dir / f"ckpt_{steps:07d}.pt", {"step": steps, "dpo": dataclasses.asdict(cfg)})
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    log(format_report(report))
-    return report
-
-
-def mean_of(rows: list[dict], key: str) -> float:
-    """The mean of one logged figure over metric rows (the report's "last steps" figures)."""
-    return sum(r[key] for r in rows) / len(rows)
+    dcfg = cfg["dpo"]
+    run = PostTrainRun(cfg, "dpo", "python sft.py", log)
+    try:
+        model, enc, device, seed = run.model, run.enc, run.device, cfg["run"].seed
+        if dcfg.pairs_per_step % run.world:
+            raise ConfigError(f"dpo.pairs_per_step={dcfg.pairs_per_step} must divide among {run.world} processes")
+        eval_set = held_out_examples(dcfg.eval_examples) if dcfg.eval_examples else []
+        # fresh questions (seed + 2: not sft.py's training stream), none of the held-out ones
+        questions = make_examples(dcfg.prompts, seed=seed + 2, exclude={e.question for e in eval_set})
+        run.log(f"{dcfg.pairs.replace('_', '-')} preference pairs:")
+        t0 = time.time()
+        pairs, pair_counts = preference_pairs(dcfg, model, enc, questions, seed, run.log)
+        if not pairs:
+            raise ConfigError("no preference pairs: every question's samples scored the same; raise dpo.samples or "
+                              "dpo.temperature, or use dpo.pairs=off_policy")
+        run.log(f"{len(pairs):,} pairs in {time.time() - t0:.0f}s")
+        max_new = cfg["run"].eval_max_new_tokens
+        before = accuracy(model, enc, eval_set, max_new, dcfg.modes) if eval_set and run.master else {}
+        # the reference is the starting policy, frozen, its log-probs computed once per batch (ORPO has none)
+        ref = None if dcfg.loss == "orpo" else copy.deepcopy(model).eval().requires_grad_(False)
+        pad_id = eot_id(enc)
+        steps = max(1, math.ceil(dcfg.epochs * len(pairs) / dcfg.pairs_per_step))
+        order = EpochOrder(len(pairs), dcfg.pairs_per_step, seed)
+        saved = run.begin(cfg["optim"], steps)
+        if saved:
+            order.load_state_dict(saved["order"])
+        for step in range(run.start_step + 1, steps + 1):
+            lr = run.set_lr(step)
+            chunk = [pairs[i] for i in order.next()[run.rank::run.world]]
+            ids, targets = (t.to(device) for t in pair_batch(chunk, pad_id))
+            n = len(chunk)
+            with run.autocast:
+                logps, n_tokens = response_logps(run.train_model, ids, targets)
+                with torch.no_grad():
+                    ref_logps = response_logps(ref, ids, targets)[0] if ref is not None else None
+            loss, m = preference_loss(dcfg.loss, logps[:n], logps[n:], None if ref is None else ref_logps[:n],
+                                      None if ref is None else ref_logps[n:], dcfg.beta,
+                                      n_tokens[:n].float(), n_tokens[n:].float())
+            scale = global_mean_scale(n, device)  # the mean over every process's pairs
+            (loss * scale).backward()
+            grad_norm = run.clip_and_step()
+            row = {"loss": all_reduce_mean(loss.item() * scale, device), "lr": lr, "grad_norm": grad_norm,
+                   **{k: all_reduce_mean(v, device) for k, v in m.items()}}
+            run.end_step(step, row, f"loss {row['loss']:.4f} | reward acc {row['accuracy']:.0%} | margin "
+                                    f"{row['margin']:+.4f} | lr {lr:.2e}", {"order": order.state_dict()})
+        full = run.full_model()
+        if not run.master:
+            return run.finish({}, "")
+        history = run.history()
+        window = history[-max(1, min(10, steps // 4)):]
+        report = {"loss_type": dcfg.loss, "beta": dcfg.beta, "pairs_kind": dcfg.pairs, "pairs": len(pairs),
+                  "pair_counts": pair_counts, "steps": steps, "first_loss": history[0]["loss"],
+                  "final_loss": mean_of(window, "loss"), "final_reward_accuracy": mean_of(window, "accuracy"),
+                  "final_margin": mean_of(window, "margin"), "accuracy_before": before,
+                  "accuracy_after": accuracy(full, enc, eval_set, max_new, dcfg.modes) if eval_set else {}}
+        return run.finish(report, format_report(report))
+    finally:
+        run.close()
 
 
 def format_report(r: dict) -> str:
-    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"])
-    lines.append(f"{r['loss_type']} (beta {r['beta']}) on {r['pairs']} {r['data'].replace('_', '-')} pairs: loss "
-                 f"{r['first_loss']:.4f} -> {r['final_loss']:.4f} in {r['steps']} steps; reward accuracy "
+    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"]) if r["accuracy_after"] else []
+    lines.append(f"{r['loss_type']} (beta {r['beta']}) on {r['pairs']} {r['pairs_kind'].replace('_', '-')} pairs: "
+                 f"loss {r['first_loss']:.4f} -> {r['final_loss']:.4f} in {r['steps']} steps; reward accuracy "
                  f"{r['final_reward_accuracy']:.0%}, margin {r['final_margin']:+.4f}")
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
+                    default_config=DEFAULT_CONFIG)
+    try:
+        preference_train(cfg)
+    except (ConfigError, ValueError) as e:  # ConfigError, CheckpointError, DataError: one line each
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    preference_train(parse_args(sys.argv[1:], DPOConfig, check_config))
+    main()

@@ -1,10 +1,10 @@
 """Model merging: several runs fine-tuned from one base become one model by averaging their weights.
 
-    python sft.py --epochs 1 --seed 0 --name tiny-sft-e1-s0   # and --seed 2: two fine-tunes of runs/tiny
-    python merge.py runs/tiny-sft-e1-s0 runs/tiny-sft-e1-s2 --name tiny-soup-e1       # equal weights: a soup
-    python merge.py runs/tiny-soup-e1 runs/tiny --weights 0.9,0.1 --name tiny-soup-e1-base10
-    python merge.py runs/a runs/b --method slerp --weights 0.7,0.3 --name tiny-slerp
-    python merge.py runs/a runs/b --method task_arithmetic --base runs/tiny --weights 1,1 --name tiny-ta
+    python sft.py --sft.epochs=1 --run.seed=0 --run.name=tiny-sft-e1-s0   # and seed 2: two fine-tunes of runs/tiny
+    python merge.py --merge.runs='["runs/tiny-sft-e1-s0", "runs/tiny-sft-e1-s2"]' --merge.name=tiny-soup-e1
+    python merge.py --merge.runs='["runs/tiny-soup-e1", "runs/tiny"]' --merge.weights=[0.9,0.1] --merge.name=soup-base
+    python merge.py --merge.runs='["runs/a", "runs/b"]' --merge.method=slerp --merge.weights=[0.7,0.3]
+    python merge.py --merge.runs='["runs/a", "runs/b"]' --merge.method=task_arithmetic --merge.base=runs/tiny
 
 The playbook's finding: SmolLM3's last post-training step was a merge, not a training run. A soup
 of its APO checkpoints (MergeKit's `linear` method) kept their gains; post-training had lost
@@ -16,25 +16,32 @@ best of them, at no training cost.
 1. Merges of state dicts: linear (weights >= 0 summing to 1), SLERP of two models per tensor, task
    arithmetic (base + sum w_i (model_i - base), Ilharco et al. 2023). What cannot be merged stops
    with one line: other keys or shapes, integer tensors that differ.
-2. The run: loads run folders (one model config), merges, scores each input and the merge
-   (validation loss; chat models add held-out chat loss and sft.py's answer accuracy), and writes
-   a run folder that eval.py and sft.py / dpo.py --init read.
+2. The run: loads any model specs of one configuration (checkpoint.load_model), merges, scores each
+   input and the merge (validation loss; chat models add held-out chat loss and answer accuracy),
+   and writes a run folder that eval.py and the post-training stages (--run.init) read.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import sft
+from checkpoint import CheckpointError, load_model, save_checkpoint
+from config import ConfigError, load_config as read_config, parse_cli
+from data import MixtureLoader, tokenizer_fingerprint
+from model import Transformer
+from posttrain import accuracy, held_out_examples
+from sft import encode_chat, make_rows
+from tokenizer import eot_id
+from train import evaluate
 
 StateDict = dict[str, torch.Tensor]
 METHODS = ("linear", "slerp", "task_arithmetic")
@@ -134,22 +141,20 @@ def task_arithmetic(base: StateDict, states: list[StateDict], weights: list[floa
 
 
 @torch.no_grad()
-def score(model, enc, data_cfg, chat: bool, eval_examples: int, eval_batches: int, max_new_tokens: int) -> dict:
+def score(model: Transformer, enc, data_cfg, chat: bool, eval_examples: int, eval_batches: int,
+          max_new_tokens: int) -> dict:
     """Validation loss on the pretraining data's held-out windows (train.evaluate). Chat models add
-    the loss on sft.py's held-out conversations (both modes, assistant tokens) and sft.accuracy;
-    on the tiny model the accuracy sits near 0, so the chat loss is the figure that moves."""
-    from data import MixtureLoader, tokenizer_fingerprint
-    from tokenizer import eot_id
-    from train import evaluate
+    the loss on the held-out conversations (both modes, assistant tokens) and the answer accuracy
+    (posttrain.accuracy); on the tiny model the accuracy sits near 0, so the chat loss moves."""
     device, vocab = next(model.parameters()).device, model.cfg.vocab_size
     loader = MixtureLoader(data_cfg.shard_dir(vocab), data_cfg.weights, "val", model.cfg.max_seq_len, data_cfg.seed,
                            eot_id(enc), fingerprint=tokenizer_fingerprint(data_cfg.tokenizer_path(vocab)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     result = {"val_loss": evaluate(model, loader, eval_batches, 8, device, autocast)}
     if chat and eval_examples:
-        examples = sft.held_out_examples(eval_examples)  # the questions every post-training run holds out
-        conversations = [sft.encode_chat(enc, ex.messages(), thinking=t) for ex in examples for t in (True, False)]
-        ids, targets, _ = sft.make_rows(conversations, model.cfg.max_seq_len, packing=False, pad_id=eot_id(enc))
+        examples = held_out_examples(eval_examples)  # the questions every post-training run holds out
+        conversations = [encode_chat(enc, ex.messages(), thinking=t) for ex in examples for t in (True, False)]
+        ids, targets, _ = make_rows(conversations, model.cfg.max_seq_len, packing=False, pad_id=eot_id(enc))
         total = count = 0
         for i in range(0, len(ids), 16):  # mean over assistant tokens, whatever the batch split
             y = targets[i:i + 16].to(device)
@@ -157,8 +162,40 @@ def score(model, enc, data_cfg, chat: bool, eval_examples: int, eval_batches: in
             ce = model(ids[i:i + 16].to(device), y)[1]["ce"]  # the cross-entropy alone, no z-loss
             total, count = total + ce.item() * n, count + n
         result["chat_loss"] = total / count
-        result["accuracy"] = sft.accuracy(model, enc, examples, max_new_tokens)
+        result["accuracy"] = accuracy(model, enc, examples, max_new_tokens)
     return result
+
+
+@dataclass
+class MergeConfig:
+    runs: tuple[str, ...] = ()     # the models to merge: run folders or checkpoints of one model configuration
+    weights: tuple[float, ...] = ()  # one per run (default: equal, a soup)
+    method: str = "linear"         # linear | slerp (two models) | task_arithmetic (needs merge.base)
+    base: str = ""                 # task_arithmetic: the run the inputs were fine-tuned from
+    normalize: bool = False        # rescale the weights to sum to 1
+    name: str = "merged"           # the output run folder: <out_dir>/<name>
+    out_dir: str = "runs"          # where run folders go
+    eval_examples: int = 20        # held-out questions per task for chat models (0: skip)
+    eval_batches: int = 8          # validation batches of 8 windows
+    max_new_tokens: int = 64       # the held-out answers' length
+    device: str = "auto"           # auto | cpu | cuda
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError("merge.runs is empty: give the run folders to merge, e.g. --merge.runs='[\"runs/a\", "
+                             "\"runs/b\"]'")
+        if self.method not in METHODS:
+            raise ValueError(f"merge.method={self.method!r}: choose from {', '.join(METHODS)}")
+        if self.eval_examples < 0 or self.eval_batches < 1 or self.max_new_tokens < 1:
+            raise ValueError("merge.eval_examples must be >= 0, merge.eval_batches and merge.max_new_tokens >= 1")
+
+
+SECTIONS = {"merge": MergeConfig}
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """{"merge": MergeConfig} from a TOML file (None: the defaults) and overrides."""
+    return read_config(path, overrides, sections=SECTIONS)
 
 
 def merge_runs(runs: list[str], weights: list[float] | None = None, method: str = "linear", base: str | None = None,
@@ -166,20 +203,26 @@ def merge_runs(runs: list[str], weights: list[float] | None = None, method: str 
                eval_batches: int = 8, max_new_tokens: int = 64, device: str = "auto", log=print) -> dict:
     """Merge run folders, score the inputs and the merge, write <out_dir>/<name> (via <name>.tmp,
     renamed, so a failure leaves no folder behind). Returns the report (also <run>/report.json)."""
-    from model import Transformer
     out = Path(out_dir) / name
     if out.exists():
-        raise MergeError(f"{out} exists already; pick another --name or delete it")
+        raise MergeError(f"{out} exists already; pick another merge.name or delete it")
     if method not in METHODS:
-        raise MergeError(f"--method {method!r}: choose from {', '.join(METHODS)}")
-    if (method == "task_arithmetic") != (base is not None):
-        raise MergeError("--base (the run the inputs were fine-tuned from) goes with --method task_arithmetic, only")
+        raise MergeError(f"merge.method {method!r}: choose from {', '.join(METHODS)}")
+    if (method == "task_arithmetic") != bool(base):
+        raise MergeError("merge.base (the run the inputs were fine-tuned from) goes with merge.method=task_arithmetic, "
+                         "only")
     if method == "slerp" and len(runs) != 2:
         raise MergeError(f"slerp merges two models, not {len(runs)}")
-    weights = check_weights(weights, len(runs), normalize, sum_to_one=method != "task_arithmetic")
+    weights = check_weights(weights or None, len(runs), normalize, sum_to_one=method != "task_arithmetic")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     specs = runs + ([base] if base else [])
-    loaded = [sft.load_start(s, device, 0, f"python sft.py --name {Path(s).name} (or train.py, dpo.py)") for s in specs]
-    models, (_, enc, data_cfg, device) = [m for m, *_ in loaded], loaded[0]
+    loaded = []
+    for spec in specs:
+        try:
+            loaded.append(load_model(spec, device))
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            raise MergeError(f"cannot load {spec!r} ({e}); make it first with sft.py, dpo.py, rl.py or train.py") from e
+    models, (_, enc, data_cfg) = [m for m, *_ in loaded], loaded[0]
     ref = dataclasses.asdict(models[0].cfg)
     for spec, m in zip(specs[1:], models[1:]):
         cfg = dataclasses.asdict(m.cfg)
@@ -198,8 +241,8 @@ def merge_runs(runs: list[str], weights: list[float] | None = None, method: str 
     merged = Transformer(models[0].cfg).to(device)
     merged.load_state_dict(merged_state)
 
-    # sft.py, dpo.py and this file write accuracy_after into report.json; with one chat model among
-    # the inputs, every model gets the chat scores (a base model's are the "before" of sft.py)
+    # the post-training stages and this file write accuracy_after into report.json; with one chat
+    # model among the inputs, every model gets the chat scores (a base model's are sft.py's "before")
     reports = [(Path(r) if Path(r).is_dir() else Path(r).parent) / "report.json" for r in runs]
     chat = any(p.is_file() and "accuracy_after" in json.loads(p.read_text()) for p in reports)
     label = f"merge ({method} {'/'.join(f'{w:g}' for w in weights)})"
@@ -212,9 +255,9 @@ def merge_runs(runs: list[str], weights: list[float] | None = None, method: str 
     tmp = out.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: ours by name
     try:
-        tmp.mkdir(parents=True)
-        sft.save_model(merged, data_cfg, tmp / "ckpt_0000000.pt",
-                       {"step": 0, "merge": {k: report[k] for k in ("method", "inputs", "base", "weights")}})
+        meta = {"step": 0, "config": {"model": dataclasses.asdict(merged.cfg), "data": dataclasses.asdict(data_cfg),
+                                      "merge": {k: report[k] for k in ("method", "inputs", "base", "weights")}}}
+        save_checkpoint(tmp, 0, merged, None, meta)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         os.rename(tmp, out)
     except BaseException:
@@ -238,29 +281,14 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (or ckpt_*.pt files) of one model configuration")
-    p.add_argument("--weights", help="comma-separated, one per run (default: equal, a soup)")
-    p.add_argument("--method", choices=METHODS, default="linear")
-    p.add_argument("--base", help="task_arithmetic: the run the inputs were fine-tuned from")
-    p.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
-    p.add_argument("--name", default="merged")
-    p.add_argument("--out-dir", default="runs")
-    p.add_argument("--eval-examples", type=int, default=20, help="held-out questions per task, chat models (0: skip)")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches of 8 windows")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
+    cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS)["merge"]
     try:
-        weights = [float(w) for w in a.weights.split(",")] if a.weights else None
-    except ValueError:
-        p.error(f"--weights {a.weights!r}: give comma-separated numbers, e.g. 0.9,0.1")
-    try:
-        merge_runs(a.runs, weights, a.method, a.base, a.normalize, a.name, a.out_dir, a.eval_examples,
-                   a.eval_batches, a.max_new_tokens, a.device)
-    except (ValueError, FileNotFoundError) as e:  # MergeError; missing or short validation shards
-        raise SystemExit(f"error: {e}")
+        merge_runs(list(cfg.runs), list(cfg.weights), cfg.method, cfg.base or None, cfg.normalize, cfg.name,
+                   cfg.out_dir, cfg.eval_examples, cfg.eval_batches, cfg.max_new_tokens, cfg.device)
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # MergeError; missing or short validation shards
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -27,16 +27,16 @@ from moe import MoE, MoEShape, add_router_losses
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
+    vocab_size: int = 4096        # token ids; a multiple of 128 keeps the embedding matmuls efficient
+    d_model: int = 256            # the residual stream width h
+    n_layers: int = 4             # transformer blocks
+    n_heads: int = 8              # query heads; head_dim = d_model / n_heads
     n_kv_heads: int = 4       # n_heads: MHA, 1: MQA, in between: GQA (SmolLM3: 4)
     d_ff: int = 768           # SwiGLU hidden width (three matrices of d_model x d_ff)
-    max_seq_len: int = 512
-    rope_base: float = 10_000.0
+    max_seq_len: int = 512        # longest sequence: the RoPE tables and the KV cache are this long
+    rope_base: float = 10_000.0   # RoPE base frequency (SmolLM3: 50k, raised to 2M and 5M for long context)
     tie_embeddings: bool = True   # the playbook kept tied embeddings for its 1-3B models
-    init_std: float = 0.02
+    init_std: float = 0.02        # std of the truncated-normal init of every matrix
     norm_eps: float = 1e-6        # SmolLM3's RMSNorm eps
     z_loss_coef: float = 0.0      # lambda in lambda * log^2(Z); 1e-5 where used, off in SmolLM3
     attn_backend: str = "sdpa"    # "sdpa" (everywhere) or "flex" (flex_attention, the GPU path)
@@ -58,7 +58,7 @@ class ModelConfig:
     dca_local_window: int = 0     # DCA: exact relative positions kept across a chunk boundary
     gla_chunk_size: int = 16      # chunk length of gated linear attention's parallel form
     # Mixture of experts (moe.py): off by default; on, every layer from moe_dense_layers on has a MoE MLP.
-    moe: bool = False
+    moe: bool = False                 # a MoE MLP (router + experts) instead of the dense one
     moe_experts: int = 8              # routed experts per MoE layer
     moe_top_k: int = 2                # routed experts per token
     moe_d_expert: int = 0             # each expert's hidden width; 0 = d_ff. Granularity G = 2*d_model/d_expert
@@ -469,6 +469,30 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return ce + z_loss_coef * z, {"ce": ce, "z_loss": z}
 
 
+LOGPROB_CHUNK_TOKENS = 4096  # positions whose logits and float32 log-softmax exist at once (~7 GiB at a 128k vocab)
+
+
+def _picked_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = F.log_softmax(F.linear(h, weight).float() / temperature, dim=-1)
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(h @ weight.T / temperature)[target] per position, 0 where targets is -100.
+
+    What preference and policy-gradient losses need (dpo.py, rl.py): one log-prob per response
+    token, in float32 (they sum hundreds of them, where bf16 would drown the signal). The output
+    head, the log-softmax and the pick run LOGPROB_CHUNK_TOKENS positions at a time and are
+    recomputed in backward, so at a 128k vocabulary no (N, T, V) tensor ever exists."""
+    flat, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    picked = torch.cat([
+        torch.utils.checkpoint.checkpoint(_picked_logprobs, flat[start:start + LOGPROB_CHUNK_TOKENS], weight,
+                                          flat_targets[start:start + LOGPROB_CHUNK_TOKENS], temperature,
+                                          use_reentrant=False)
+        for start in range(0, flat.shape[0], LOGPROB_CHUNK_TOKENS)]).view_as(targets)
+    return torch.where(targets != -100, picked, 0.0)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -501,14 +525,19 @@ class Transformer(nn.Module):
                 module.reset_expert_parameters(self.cfg.init_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None, *,
+                logprobs: bool = False, temperature: float = 1.0):
         """Logits (B, T, V) when targets is None, else (loss, {"ce", "z_loss"}) (MoE models add
-        "balance_loss" and "router_z_loss", moe.add_router_losses).
+        "balance_loss" and "router_z_loss", moe.add_router_losses), or with logprobs=True the
+        (B, T) log-probs of the targets at this temperature (token_logprobs).
 
-        doc_ids (B, T) restricts attention to tokens of the same document."""
+        doc_ids (B, T) restricts attention to tokens of the same document. Every output goes through
+        forward, so DDP and FSDP2 wrappers see every use of the weights."""
         h = self.hidden_states(idx, doc_ids, kv_cache)
         if targets is None:
             return self.lm_head(h)
+        if logprobs:
+            return token_logprobs(h, self.lm_head.weight, targets, temperature)
         loss_and_parts = linear_cross_entropy(h, self.lm_head.weight, targets, self.cfg.z_loss_coef)
         if not self.cfg.moe:
             return loss_and_parts

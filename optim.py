@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import distribute_tensor
 
 SCHEDULES = ("cosine", "wsd", "multistep", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -29,20 +30,20 @@ OPTIMIZERS = ("adamw", "muon")
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3               # the peak learning rate, after warmup
     min_lr: float = 3e-4           # where cosine and WSD end
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's momentum coefficients (the playbook's)
+    eps: float = 1e-8              # AdamW's denominator floor
+    weight_decay: float = 0.1      # decoupled, on the blocks' matrices only (none on embeddings and norms)
     grad_clip: float = 1.0         # 0 disables clipping
-    warmup_steps: int = 50
-    schedule: str = "cosine"
+    warmup_steps: int = 50         # linear warmup from 0 to lr
+    schedule: str = "cosine"       # cosine | wsd (warmup-stable-decay) | multistep (DeepSeek) | constant
     decay_fraction: float = 0.2    # WSD: the last 10-20% of steps decay
-    multistep_milestones: tuple[float, float] = (0.8, 0.9)
-    multistep_factors: tuple[float, float] = (0.316, 0.1)
+    multistep_milestones: tuple[float, float] = (0.8, 0.9)  # multistep: fractions of the run where lr drops
+    multistep_factors: tuple[float, float] = (0.316, 0.1)   # multistep: lr multipliers from each milestone on
     name: str = "adamw"            # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
+    muon_momentum: float = 0.95    # Muon's momentum coefficient
+    muon_nesterov: bool = True     # Nesterov momentum for Muon
     muon_ns_steps: int = 5         # Newton-Schulz iterations
     lr_base_batch: int = 0         # the global batch (sequences) lr was tuned at: each step's lr is
                                    # scaled by sqrt(batch / lr_base_batch); 0 = off
@@ -260,7 +261,6 @@ class Muon(torch.optim.Optimizer):
             full = update.full_tensor() if sharded else update
             ortho = newton_schulz(full.reshape(-1, m, n), group["ns_steps"]).reshape(full.shape)
             if sharded:  # every rank holds the same full result: keep this rank's shard, no communication
-                from torch.distributed.tensor import distribute_tensor
                 ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(ortho, alpha=-lr * 0.2 * max(m, n) ** 0.5)

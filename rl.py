@@ -1,19 +1,19 @@
 """Reinforcement learning with verifiable rewards: GRPO on the model's own samples, with DAPO's fixes.
 
     python sft.py                                   # runs/tiny -> runs/tiny-sft (the starting point)
-    python rl.py                                    # runs/tiny-sft -> runs/tiny-rl: GRPO, no-think mode
-    python rl.py --tasks add,sort,reverse --reward exact --name tiny-rl-exact     # the strict verifier
-    python rl.py --overlong-buffer 0 --name tiny-rl-no-penalty    # without DAPO's length penalty
-    python rl.py --dynamic-sampling 2 --name tiny-rl-dyn          # DAPO: resample groups with no signal
-    python rl.py --scale-by-std false --aggregation constant      # Dr. GRPO: unscaled advantages, fixed normaliser
-    python rl.py --kl-beta 0.04 --name tiny-rl-kl                 # with a KL penalty to the SFT model
+    python rl.py                                    # configs/grpo_tiny.toml: runs/tiny-sft -> runs/tiny-rl
+    python rl.py --rl.tasks=add,sort,reverse --rl.reward=exact --run.name=tiny-rl-exact   # the strict verifier
+    python rl.py --rl.overlong_buffer=0 --run.name=tiny-rl-no-penalty    # without DAPO's length penalty
+    python rl.py --rl.dynamic_sampling=2 --run.name=tiny-rl-dyn          # DAPO: resample groups with no signal
+    python rl.py --rl.scale_by_std=false --rl.aggregation=constant       # Dr. GRPO: unscaled advantages
+    python rl.py --rl.kl_beta=0.04 --run.name=tiny-rl-kl                 # with a KL penalty to the start model
+    python rl.py --config configs/grpo_smollm2.toml                      # SmolLM2-135M-Instruct, arithmetic
 
 The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verifiable rewards):
-1. Rollouts: G completions per prompt, sampled from the policy itself, kept as token ids with the
-   mask of completion tokens and their lengths.
-2. Verifiable rewards: no reward model, a program checks the answer: exactly (sft.check_answer)
-   or with partial credit for answer words in place, optionally plus the reasoning-mode format
-   (sft.follows_mode).
+1. Rollouts: G completions per prompt, sampled from the policy itself (generate.py), kept as token
+   ids with the mask of completion tokens and their lengths.
+2. Verifiable rewards: no reward model, a program checks the answer (posttrain's verifiers):
+   exactly, or with partial credit for answer words in place, optionally plus the format.
 3. Group-relative advantages (GRPO, Shao et al. 2024, arXiv 2402.03300): each completion is
    scored against the other completions of its own prompt, so no value network is needed.
 4. DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476): a reward that falls
@@ -21,32 +21,35 @@ The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verif
    no-think mode RL lengthens answers (length hacking) unless length is penalised.
 5. The loss: PPO's clipped surrogate against the log-probs of the policy that sampled, DAPO's
    clip-higher (eps_high > eps_low) and token-level averaging (or Dr. GRPO's fixed normaliser),
-   optional k3 KL to the SFT model; DAPO's dynamic sampling (train only on groups whose rewards
+   optional k3 KL to the start model; DAPO's dynamic sampling (train only on groups whose rewards
    differ, drawing more prompts to fill the batch) and overlong filtering, both optional.
 6. The run and its report: reward, accuracy, completion length and overlong share per step;
-   before and after, the same numbers on held-out questions (greedy), and accuracy per task and
-   mode (RL in one mode can cost the other: the playbook's "split brain").
-
-One process (CPU or one GPU), like sft.py and dpo.py.
+   before and after, the same numbers on held-out questions (greedy, with 95% intervals), and
+   accuracy per task and mode (RL in one mode can cost the other: the playbook's "split brain").
+   Under torchrun each process samples its share of the prompts (a group stays on one process),
+   and the loss is normalised over every process's tokens.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiktoken
 import torch
 
-from dpo import mean_of, prompt_ids, token_logps
-from optim import OptimConfig, build_optimizer, lr_at
-from sft import (TASKS, Example, accuracy, accuracy_table, check_answer, follows_mode, generate_completions,
-                 held_out_examples, load_start, make_examples, make_rows, parse_args, save_model, strip_think)
+from config import ConfigError, load_config as read_config, parse_cli
+from distributed import all_reduce_mean
+from generate import generate
+from optim import OptimConfig
+from posttrain import (MODES, TASKS, VERIFIERS, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, check_answer,
+                       follows_mode, global_mean_scale, held_out_examples, interval95, load_prompts, make_examples,
+                       mean_of, prompt_ids, strip_think)
+from sft import make_rows
+from tokenizer import eot_id, special_id
 
 # --------------------------------------------------------------------------------------------
 # 1. Rollouts: a group of sampled completions per prompt
@@ -74,18 +77,18 @@ class Rollouts:
         return self.targets != -100
 
 
-def sample_groups(model, prompts: list[list[int]], group_size: int, temperature: float, max_new_tokens: int,
-                  end_id: int, pad_id: int, generator: torch.Generator | None = None,
+def sample_groups(model: torch.nn.Module, prompts: list[list[int]], group_size: int, temperature: float,
+                  max_new_tokens: int, end_id: int, pad_id: int, generator: torch.Generator | None = None,
                   max_rows: int = 256) -> Rollouts:
-    """group_size completions of every prompt (sft.generate_completions), each stopping at end_id
+    """group_size completions of every prompt (generate.generate), each stopping at end_id
     (<|im_end|>) or after max_new_tokens, laid out as Rollouts."""
-    completions = generate_completions(model, prompts, group_size, temperature, max_new_tokens, end_id, generator,
-                                       max_rows=max_rows)
+    completions = generate(model, prompts, max_new_tokens, k=group_size, temperature=temperature, stop_ids=[end_id],
+                           generator=generator, max_rows=max_rows)
     return rollouts_from(prompts, completions, group_size, end_id, pad_id, next(model.parameters()).device)
 
 
 def rollouts_from(prompts: list[list[int]], completions: list[list[int]], group_size: int, end_id: int,
-                  pad_id: int, device) -> Rollouts:
+                  pad_id: int, device: torch.device) -> Rollouts:
     """Rollouts of given completions (row p * group_size + j: prompt p's j-th)."""
     conversations = [(prompts[k // group_size] + c, [False] * len(prompts[k // group_size]) + [True] * len(c))
                      for k, c in enumerate(completions)]
@@ -107,18 +110,18 @@ REWARDS = ("exact", "partial")
 def partial_credit(example: Example, completion: str) -> float:
     """A denser verifiable reward: the share of the expected answer's words (numbers) that the
     answer part of the completion has in the right position, over the longer of the two. 1 exactly
-    when sft.check_answer accepts it; a one-word answer (a sum) scores 0 or 1. For a model that is
+    when posttrain.check_answer accepts it (string answers); a one-word answer (a sum) scores 0 or 1. For a model that is
     rarely right, exact match gives almost every group the same reward and so no advantage."""
-    got = strip_think(completion).split("<|im_end|>", 1)[0].split()
+    got = strip_think(completion).split()
     want = example.answer.split()
     return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
 
 
-def task_rewards(examples: list[Example], texts: list[str], thinking: bool, kind: str = "exact",
+def task_rewards(examples: list[Example], texts: list[str], thinking: bool | None, kind: str = "exact",
                  format_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reward, correct) per completion: 1 when the verifier accepts the answer (sft.check_answer),
+    """(reward, correct) per completion: 1 when the verifier accepts the answer (posttrain.check_answer),
     or with kind "partial" the share of answer words in place (partial_credit); plus format_weight
-    when the completion follows the reasoning mode (sft.follows_mode). The playbook's RLVR: a
+    when the completion follows the reasoning mode (posttrain.follows_mode). The playbook's RLVR: a
     program, not a learned reward model, scores the answers, so there is no reward model to fool."""
     if kind not in REWARDS:
         raise ValueError(f"unknown reward {kind!r}; choose from {', '.join(REWARDS)}")
@@ -236,111 +239,119 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
 
 @dataclass
 class RLConfig:
-    init: str = "runs/tiny-sft"    # the SFT model (a run folder of sft.py); also the KL reference
-    name: str = "tiny-rl"          # output: <out_dir>/<name>
-    out_dir: str = "runs"
     # The defaults are what the tiny SFT model can learn from in minutes: it answers ~1% of
     # questions exactly, so exact-match groups are nearly all flat (no advantage), while reversing
     # words earns partial credit often enough to give most groups a signal.
-    tasks: str = "reverse"         # comma-separated built-in tasks of sft.py (add, sort, reverse)
-    mode: str = "no_think"         # reasoning mode of the prompts: "no_think" or "think"
-    reward: str = "partial"        # "exact" (sft.check_answer) or "partial" (share of answer words in place)
+    tasks: str = "reverse"         # comma-separated built-in tasks (add, sort, reverse), unless rl.data is set
+    data: str = ""                 # prompts to train on: a .jsonl/.parquet of {"prompt", "answer"} rows ("" = built-in)
+    verifier: str = "number"       # how rl.data's answers are checked: number | string | choice
+    mode: str = "no_think"         # reasoning mode of the prompts: no_think | think | plain (ChatML, no flag)
+    reward: str = "partial"        # exact (the verifier) | partial (share of answer words in place)
     prompts: int = 800             # training questions, cycled through (800 = one pass at the defaults)
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16     # over all processes
     group_size: int = 8            # G completions per prompt
-    steps: int = 50
-    temperature: float = 1.0
+    steps: int = 50                # sample-and-update steps
+    temperature: float = 1.0       # sampling temperature of the rollouts (their log-probs use it too)
     max_new_tokens: int = 32       # also DAPO's L_max
     overlong_buffer: int = 16      # DAPO's L_cache; 0 turns the overlong penalty off
     overlong_filter: bool = False  # DAPO's overlong filtering: truncated completions carry no loss
-    format_weight: float = 0.0     # reward for following the reasoning mode (sft.follows_mode)
-    scale_by_std: bool = True      # False: Dr. GRPO advantages (r - mean)
-    aggregation: str = "token"     # "token" (DAPO), "sequence" (GRPO) or "constant" (Dr. GRPO: / (N x max_new_tokens))
-    eps_low: float = 0.2
+    format_weight: float = 0.0     # reward for following the reasoning mode (posttrain.follows_mode)
+    scale_by_std: bool = True      # false: Dr. GRPO advantages (r - mean)
+    aggregation: str = "token"     # token (DAPO) | sequence (GRPO) | constant (Dr. GRPO: / (N x max_new_tokens))
+    eps_low: float = 0.2           # PPO clip below: ratio >= 1 - eps_low
     eps_high: float = 0.28         # DAPO's clip-higher
-    kl_beta: float = 0.0           # k3 KL to the SFT model; DAPO and Dr. GRPO drop it
+    kl_beta: float = 0.0           # k3 KL to the start model; DAPO and Dr. GRPO drop it
     dynamic_sampling: int = 0      # DAPO's dynamic sampling: up to this many extra rounds of prompts per step
                                    # to replace flat groups (0: off, train on every group sampled)
     updates_per_batch: int = 2     # gradient steps per sampled batch; from the 2nd on, the clip acts
-    lr: float = 3e-4               # tiny model: 1e-4 barely moves in 50 steps, 1e-3 collapses (DAPO: 1e-6 at 32B)
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    eval_examples: int = 30        # per task, held out (sft.held_out_examples: the questions every run holds out)
-    eval_max_new_tokens: int = 64
-    seed: int = 0
-    device: str = "auto"
+    eval_examples: int = 30        # per task, held out (posttrain.held_out_examples: every run holds them out)
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks.split(",") if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"rl.tasks={self.tasks!r}: a comma-separated subset of {','.join(TASKS)}")
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"rl.verifier={self.verifier!r}: choose from {', '.join(VERIFIERS)}")
+        if self.data and not Path(self.data).is_file():
+            raise ValueError(f"rl.data={self.data!r} is not a file; give a .jsonl/.parquet of prompt/answer rows")
+        if self.reward not in REWARDS:
+            raise ValueError(f"rl.reward={self.reward!r}: choose from {', '.join(REWARDS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"rl.mode={self.mode!r}: choose from {', '.join(MODES)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"rl.aggregation={self.aggregation!r}: choose from {', '.join(AGGREGATIONS)}")
+        for key in ("prompts", "prompts_per_step", "steps", "max_new_tokens", "updates_per_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rl.{key}={getattr(self, key)} must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"rl.group_size={self.group_size} must be >= 2: advantages compare completions of one "
+                             f"prompt")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} must be in [0, rl.max_new_tokens="
+                             f"{self.max_new_tokens}] (0: no overlong penalty)")
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise ValueError(f"rl.eps_low={self.eps_low} must be in [0, 1) and rl.eps_high={self.eps_high} >= 0 "
+                             f"(DAPO: 0.2 and 0.28)")
+        if self.temperature <= 0:
+            raise ValueError(f"rl.temperature={self.temperature} must be > 0")
+        if self.kl_beta < 0 or self.dynamic_sampling < 0 or self.eval_examples < 0:
+            raise ValueError("rl.kl_beta, rl.dynamic_sampling and rl.eval_examples must be >= 0")
 
 
-def check_config(cfg: RLConfig) -> None:
-    """ValueError, one line naming the setting and its valid range (before anything is loaded)."""
-    unknown = [t for t in cfg.tasks.split(",") if t not in TASKS]
-    if unknown or not cfg.tasks:
-        raise ValueError(f"--tasks {cfg.tasks!r}: a comma-separated subset of {','.join(TASKS)}")
-    if cfg.reward not in REWARDS:
-        raise ValueError(f"--reward {cfg.reward!r}: choose from {', '.join(REWARDS)}")
-    if cfg.mode not in ("no_think", "think"):
-        raise ValueError(f"--mode {cfg.mode!r}: choose from no_think, think")
-    if cfg.aggregation not in AGGREGATIONS:
-        raise ValueError(f"--aggregation {cfg.aggregation!r}: choose from {', '.join(AGGREGATIONS)}")
-    for key in ("prompts", "prompts_per_step", "steps", "max_new_tokens", "updates_per_batch", "eval_examples"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} must be >= 1")
-    if cfg.group_size < 2:
-        raise ValueError(f"--group-size {cfg.group_size} must be >= 2: advantages compare completions of one prompt")
-    if not 0 <= cfg.overlong_buffer <= cfg.max_new_tokens:
-        raise ValueError(f"--overlong-buffer {cfg.overlong_buffer} must be in [0, --max-new-tokens="
-                         f"{cfg.max_new_tokens}] (0: no overlong penalty)")
-    if not 0 <= cfg.eps_low < 1 or cfg.eps_high < 0:
-        raise ValueError(f"--eps-low {cfg.eps_low} must be in [0, 1) and --eps-high {cfg.eps_high} >= 0 "
-                         f"(DAPO: 0.2 and 0.28)")
-    if cfg.temperature <= 0 or cfg.lr <= 0:
-        raise ValueError(f"--temperature {cfg.temperature} and --lr {cfg.lr} must be > 0")
-    if cfg.kl_beta < 0 or cfg.grad_clip < 0 or cfg.warmup_steps < 0 or cfg.dynamic_sampling < 0:
-        raise ValueError("--kl-beta, --grad-clip, --warmup-steps and --dynamic-sampling must be >= 0")
-
-
-def policy_update(model, optimizer, rollouts: Rollouts, advantages: torch.Tensor, cfg: RLConfig,
-                  ref=None) -> dict[str, float]:
+def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollouts: Rollouts,
+                  advantages: torch.Tensor, cfg: RLConfig, grad_clip: float = 1.0, ref: torch.nn.Module | None = None,
+                  autocast=None) -> dict[str, float]:
     """Train on one sampled batch: log-probs of the policy as it sampled (pi_old), then
     cfg.updates_per_batch gradient steps on the clipped surrogate. The first step is exactly on
     policy (ratio 1, the plain policy gradient); later ones see a ratio that moved, and the clip
-    bounds how far one batch may push. Returns the last step's loss and metrics.
+    bounds how far one batch may push. Returns the last step's loss and metrics. `model` may be
+    the DDP/FSDP-wrapped module; the loss is normalised over every process's completions.
 
     A batch whose advantages are all 0 (every group all right or all wrong) and no KL term has
     nothing to learn; it is skipped rather than letting Adam's momentum move the weights. With
     cfg.overlong_filter (DAPO), completions cut at the length limit are left out of the loss: a
     truncated answer was never finished, so its reward says little about its tokens."""
-    if not advantages.any() and not cfg.kl_beta:
+    device = rollouts.ids.device
+    if all_reduce_mean(float(advantages.any() or cfg.kl_beta > 0), device) == 0:
         return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "skipped": 1.0}
-    with torch.no_grad():
-        old = token_logps(model, rollouts.ids, rollouts.targets, cfg.temperature)
-        ref_logps = token_logps(ref, rollouts.ids, rollouts.targets, cfg.temperature) if cfg.kl_beta else None
+    autocast = autocast or torch.autocast(device.type, enabled=False)
+    # log-probs at the sampling temperature, the distribution that drew the completions (as TRL's GRPOTrainer)
+    with torch.no_grad(), autocast:
+        old = model(rollouts.ids, rollouts.targets, logprobs=True, temperature=cfg.temperature)
+        ref_logps = ref(rollouts.ids, rollouts.targets, logprobs=True, temperature=cfg.temperature) \
+            if cfg.kl_beta else None
     mask = rollouts.mask & ~rollouts.truncated[:, None] if cfg.overlong_filter else rollouts.mask
+    # what the aggregation averages over, on this process: tokens, or completions
+    count = float(mask.sum()) if cfg.aggregation == "token" else float(mask.shape[0])
+    scale = global_mean_scale(count, device)
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.updates_per_batch):
-        logps = token_logps(model, rollouts.ids, rollouts.targets, cfg.temperature)
-        loss, metrics = clipped_surrogate_loss(logps, old, advantages.to(logps.device), mask,
-                                               cfg.eps_low, cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta,
+        with autocast:
+            logps = model(rollouts.ids, rollouts.targets, logprobs=True, temperature=cfg.temperature)
+        loss, metrics = clipped_surrogate_loss(logps, old, advantages.to(logps.device), mask, cfg.eps_low,
+                                               cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta,
                                                cfg.max_new_tokens)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        (loss * scale).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), **metrics, "skipped": 0.0}
+    return {"loss": all_reduce_mean(loss.item() * scale, device), **metrics, "skipped": 0.0}
 
 
-def sample_step(model, enc, cfg: RLConfig, prompts: list[list[int]], questions: list[Example], cursor: int,
-                end_id: int, pad_id: int, generator: torch.Generator | None = None) -> dict:
-    """One step's batch: cfg.prompts_per_step prompts from `cursor` on (cycling), group_size samples
-    each, scored. With cfg.dynamic_sampling = R (DAPO, Yu et al. 2025), flat groups are dropped and
-    up to R more rounds of fresh prompts are drawn until prompts_per_step informative groups are
-    found (fewer if the rounds run out); every group DAPO trains on then has a learning signal.
+def sample_step(model: torch.nn.Module, enc: tiktoken.Encoding, cfg: RLConfig, prompts: list[list[int]],
+                questions: list[Example], cursor: int, end_id: int, pad_id: int, want: int,
+                generator: torch.Generator | None = None) -> dict:
+    """One step's batch on this process: `want` prompts from `cursor` on (cycling), group_size
+    samples each, scored. With cfg.dynamic_sampling = R (DAPO, Yu et al. 2025), flat groups are
+    dropped and up to R more rounds of fresh prompts are drawn until `want` informative groups
+    are found (fewer if the rounds run out); every group DAPO trains on then has a learning signal.
 
     Returns rollouts, reward and correct of the batch to train on, `first` (rollouts, reward,
     correct of the first round: what the policy does on fresh prompts, comparable across runs),
     the new cursor and the number of rounds drawn."""
-    want, g = cfg.prompts_per_step, cfg.group_size
+    g = cfg.group_size
     kept_prompts, kept_completions, kept_reward, kept_correct = [], [], [], []
     first, rounds = None, 0
     while rounds <= cfg.dynamic_sampling and len(kept_prompts) < want:
@@ -365,11 +376,12 @@ def sample_step(model, enc, cfg: RLConfig, prompts: list[list[int]], questions: 
             "rounds": rounds}
 
 
-def score(rollouts: Rollouts, examples: list[Example], enc, cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def score(rollouts: Rollouts, examples: list[Example], enc: tiktoken.Encoding,
+          cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(reward, correct) per completion (examples: one per row): the task reward (task_rewards),
     plus DAPO's overlong penalty with L_max = cfg.max_new_tokens when cfg.overlong_buffer > 0."""
     texts = [enc.decode(c) for c in rollouts.completions]
-    reward, correct = task_rewards(examples, texts, cfg.mode == "think", cfg.reward, cfg.format_weight)
+    reward, correct = task_rewards(examples, texts, MODES[cfg.mode], cfg.reward, cfg.format_weight)
     if cfg.overlong_buffer:
         reward = reward + overlong_penalty(rollouts.lengths.cpu(), cfg.max_new_tokens, cfg.overlong_buffer)
     return reward, correct
@@ -390,10 +402,11 @@ def rollout_stats(rollouts: Rollouts, reward: torch.Tensor, correct: torch.Tenso
 SUMMARY = ("reward", "accuracy", "length", "overlong")  # the numbers a report compares
 
 
-def held_out_eval(model, enc, examples: list[Example], cfg: RLConfig, end_id: int, pad_id: int) -> dict[str, float]:
+def held_out_eval(model: torch.nn.Module, enc: tiktoken.Encoding, examples: list[Example], cfg: RLConfig,
+                  end_id: int, pad_id: int) -> dict[str, float]:
     """Greedy answers to held-out questions, in the trained mode, scored as in training: reward,
     accuracy, length, overlong share. Deterministic, unlike the sampled numbers of each step."""
-    prompts = [prompt_ids(enc, ex, cfg.mode == "think") for ex in examples]
+    prompts = [prompt_ids(enc, ex, MODES[cfg.mode]) for ex in examples]
     rollouts = sample_groups(model, prompts, 1, 0.0, cfg.max_new_tokens, end_id, pad_id)
     stats = rollout_stats(rollouts, *score(rollouts, examples, enc, cfg), cfg)
     return {key: stats[key] for key in SUMMARY}
@@ -403,75 +416,103 @@ def held_out_eval(model, enc, examples: list[Example], cfg: RLConfig, end_id: in
 # 6. The run and its report
 # --------------------------------------------------------------------------------------------
 
+SECTIONS = {"run": RunConfig, "optim": OptimConfig, "rl": RLConfig}
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grpo_tiny.toml"
 
-def rl_train(cfg: RLConfig, log=functools.partial(print, flush=True)) -> dict:
-    """Run GRPO as configured and return the report (also written to <run>/report.json)."""
-    check_config(cfg)
-    model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python sft.py")
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """{"run", "optim", "rl"} from a TOML file (default configs/grpo_tiny.toml) and overrides."""
+    return read_config(path or DEFAULT_CONFIG, overrides, sections=SECTIONS)
+
+
+def rl_questions(cfg: RLConfig, seed: int) -> tuple[list[Example], list[Example]]:
+    """(training questions, held-out questions of the trained tasks): from rl.data (its last tenth,
+    at most 200, held out) or the built-in tasks (posttrain.held_out_examples held out)."""
+    if cfg.data:
+        examples = load_prompts(cfg.data, cfg.verifier)
+        n_held = min(200, len(examples) // 10) if cfg.eval_examples else 0
+        if len(examples) - n_held < 1:
+            raise ValueError(f"{cfg.data} has too few rows to train on")
+        return examples[:len(examples) - n_held], examples[len(examples) - n_held:]
     tasks = tuple(cfg.tasks.split(","))
-    eval_set = held_out_examples(cfg.eval_examples)
-    eval_trained = [ex for ex in eval_set if ex.task in tasks]
+    held_out = [ex for ex in held_out_examples(cfg.eval_examples) if ex.task in tasks] if cfg.eval_examples else []
     # fresh questions (seed + 3: neither sft.py's nor dpo.py's stream), none of the held-out ones
-    questions = make_examples(cfg.prompts, seed=cfg.seed + 3, tasks=tasks, exclude={e.question for e in eval_set})
-    prompts = [prompt_ids(enc, ex, cfg.mode == "think") for ex in questions]
-    end_id = enc.encode("<|im_end|>", allowed_special="all")[0]
-    pad_id = enc.encode("<|endoftext|>", allowed_special="all")[0]
-    longest = max(len(p) for p in prompts + [prompt_ids(enc, ex, cfg.mode == "think") for ex in eval_trained])
-    if longest + cfg.max_new_tokens > model.cfg.max_seq_len:
-        raise SystemExit(f"error: prompts of up to {longest} tokens + --max-new-tokens {cfg.max_new_tokens} exceed "
-                         f"the model's max_seq_len {model.cfg.max_seq_len}")
-    log(f"GRPO on {len(questions):,} {cfg.tasks} questions ({cfg.mode}, {cfg.reward} reward): "
-        f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, {cfg.steps} steps; overlong penalty "
-        + (f"from {cfg.max_new_tokens - cfg.overlong_buffer} to {cfg.max_new_tokens} tokens"
-           if cfg.overlong_buffer else "off"))
-    before = accuracy(model, enc, eval_set, cfg.eval_max_new_tokens)
-    held_out_before = held_out_eval(model, enc, eval_trained, cfg, end_id, pad_id)
+    questions = make_examples(cfg.prompts, seed=seed + 3, tasks=tasks,
+                              exclude={e.question for e in held_out_examples(max(cfg.eval_examples, 1))})
+    return questions, held_out
 
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta else None
-    # constant LR (DAPO: 1e-6 after a 20-step warmup); no weight decay, as in dpo.py
-    ocfg = OptimConfig(lr=cfg.lr, min_lr=0.0, warmup_steps=cfg.warmup_steps, schedule="constant",
-                       weight_decay=0.0)
-    optimizer = build_optimizer(model, ocfg)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    history, t0, cursor = [], time.time(), 0
-    for step in range(1, cfg.steps + 1):
-        lr = lr_at(step - 1, ocfg, cfg.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = sample_step(model, enc, cfg, prompts, questions, cursor, end_id, pad_id, gen)
-        cursor = batch["cursor"]
-        advantages = group_advantages(batch["reward"], cfg.group_size, cfg.scale_by_std)
-        update = policy_update(model, optimizer, batch["rollouts"], advantages, cfg, ref)
-        dynamic = ({"rounds": batch["rounds"], "kept_groups": int(informative(batch["reward"], cfg.group_size).sum())}
-                   if cfg.dynamic_sampling else {})
-        history.append({"step": step, **rollout_stats(*batch["first"], cfg), **dynamic, **update, "lr": lr,
-                        "seconds": time.time() - t0})
-        metrics_file.write(json.dumps(history[-1]) + "\n")
-        metrics_file.flush()
-        r = history[-1]
-        log(f"step {step:4d}/{cfg.steps} | reward {r['reward']:+.3f} | acc {r['accuracy']:6.1%} | length "
-            f"{r['length']:5.1f} | overlong {r['overlong']:5.1%} | flat groups {r['flat_groups']:4.0%} | "
-            f"clip {r['clip_fraction']:.3f} | "
-            + (f"kept {r['kept_groups']}/{cfg.prompts_per_step} groups in {r['rounds']} rounds | " if dynamic else "")
-            + f"{r['seconds']:.0f}s")
-    seconds = time.time() - t0
-    metrics_file.close()
-    window = max(1, min(10, cfg.steps // 4))
-    report = {"mode": cfg.mode, "tasks": cfg.tasks, "reward_kind": cfg.reward, "steps": cfg.steps,
-              "seconds": seconds, "window": window,
-              "sampled_first": {key: mean_of(history[:window], key) for key in SUMMARY},
-              "sampled_last": {key: mean_of(history[-window:], key) for key in SUMMARY},
-              "held_out_before": held_out_before,
-              "held_out_after": held_out_eval(model, enc, eval_trained, cfg, end_id, pad_id),
-              "accuracy_before": before, "accuracy_after": accuracy(model, enc, eval_set, cfg.eval_max_new_tokens)}
-    save_model(model, data_cfg, run_dir / f"ckpt_{cfg.steps:07d}.pt",
-               {"step": cfg.steps, "rl": dataclasses.asdict(cfg)})
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    log(format_report(report))
-    return report
+
+def rl_train(cfg: dict, log=print) -> dict:
+    """Run GRPO as configured and return the report (also written to <run>/report.json)."""
+    rcfg = cfg["rl"]
+    run = PostTrainRun(cfg, "rl", "python sft.py", log)
+    try:
+        model, enc, device = run.model, run.enc, run.device
+        if rcfg.prompts_per_step % run.world:
+            raise ConfigError(f"rl.prompts_per_step={rcfg.prompts_per_step} must divide among {run.world} processes")
+        questions, eval_trained = rl_questions(rcfg, cfg["run"].seed)
+        thinking = MODES[rcfg.mode]
+        prompts = [prompt_ids(enc, ex, thinking) for ex in questions]
+        end_id, pad_id = special_id(enc, "<|im_end|>"), eot_id(enc)
+        longest = max(len(p) for p in prompts + [prompt_ids(enc, ex, thinking) for ex in eval_trained])
+        if longest + rcfg.max_new_tokens > model.cfg.max_seq_len:
+            raise ConfigError(f"prompts of up to {longest} tokens + rl.max_new_tokens={rcfg.max_new_tokens} exceed "
+                              f"the model's max_seq_len {model.cfg.max_seq_len}")
+        run.log(f"GRPO on {len(questions):,} {rcfg.data or rcfg.tasks} questions ({rcfg.mode}, {rcfg.reward} reward): "
+                f"{rcfg.prompts_per_step} prompts x {rcfg.group_size} samples per step, {rcfg.steps} steps; overlong "
+                "penalty " + (f"from {rcfg.max_new_tokens - rcfg.overlong_buffer} to {rcfg.max_new_tokens} tokens"
+                              if rcfg.overlong_buffer else "off"))
+        max_new = cfg["run"].eval_max_new_tokens
+        builtin_eval = held_out_examples(rcfg.eval_examples) if rcfg.eval_examples and not rcfg.data else []
+        modes = ("plain",) if rcfg.mode == "plain" else ("think", "no_think")
+        before, held_out_before = {}, {}
+        if run.master:
+            before = accuracy(model, enc, builtin_eval, max_new, modes) if builtin_eval else {}
+            held_out_before = held_out_eval(model, enc, eval_trained, rcfg, end_id, pad_id) if eval_trained else {}
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if rcfg.kl_beta else None
+        saved = run.begin(cfg["optim"], rcfg.steps)
+        gen = torch.Generator(device=device).manual_seed(cfg["run"].seed + run.rank)
+        cursor = run.rank * (rcfg.prompts_per_step // run.world)  # each process its own slice of the prompts
+        if saved:
+            cursor = saved["cursor"]
+            gen.set_state(saved["generator"].to(gen.get_state().device))
+        t0, sampled_tokens = time.time(), 0
+        for step in range(run.start_step + 1, rcfg.steps + 1):
+            lr = run.set_lr(step)
+            # sample with the current policy (whole weights: a replica under FSDP), score, advantages
+            policy = run.full_model(all_ranks=True)
+            batch = sample_step(policy, enc, rcfg, prompts, questions, cursor, end_id, pad_id,
+                                rcfg.prompts_per_step // run.world, gen)
+            cursor = batch["cursor"] + (run.world - 1) * (rcfg.prompts_per_step // run.world) * batch["rounds"]
+            sampled_tokens += int(batch["first"][0].lengths.sum())
+            advantages = group_advantages(batch["reward"], rcfg.group_size, rcfg.scale_by_std)
+            update = policy_update(run.train_model, run.optimizer, batch["rollouts"], advantages, rcfg,
+                                   cfg["optim"].grad_clip, ref, run.autocast)
+            stats = {k: all_reduce_mean(v, device) for k, v in rollout_stats(*batch["first"], rcfg).items()}
+            dynamic = {"rounds": batch["rounds"], "kept_groups": int(informative(batch["reward"], rcfg.group_size).sum())} \
+                if rcfg.dynamic_sampling else {}
+            row = {**stats, **dynamic, **update, "lr": lr, "seconds": time.time() - t0}
+            run.end_step(step, row, f"reward {row['reward']:+.3f} | acc {row['accuracy']:6.1%} | length "
+                                    f"{row['length']:5.1f} | overlong {row['overlong']:5.1%} | flat groups "
+                                    f"{row['flat_groups']:4.0%} | clip {row['clip_fraction']:.3f} | {row['seconds']:.0f}s",
+                         {"cursor": cursor, "generator": gen.get_state()})
+        rollout_tok_s = all_reduce_mean(sampled_tokens, device) * run.world / max(time.time() - t0, 1e-9)
+        full = run.full_model()
+        if not run.master:
+            return run.finish({}, "")
+        history = run.history()
+        window = max(1, min(10, rcfg.steps // 4))
+        report = {"mode": rcfg.mode, "tasks": rcfg.data or rcfg.tasks, "reward_kind": rcfg.reward,
+                  "steps": rcfg.steps, "window": window, "sampled_tokens_per_s": rollout_tok_s,
+                  "sampled_first": {key: mean_of(history[:window], key) for key in SUMMARY},
+                  "sampled_last": {key: mean_of(history[-window:], key) for key in SUMMARY},
+                  "held_out": len(eval_trained), "held_out_before": held_out_before,
+                  "held_out_after": held_out_eval(full, enc, eval_trained, rcfg, end_id, pad_id) if eval_trained else {},
+                  "accuracy_before": before,
+                  "accuracy_after": accuracy(full, enc, builtin_eval, max_new, modes) if builtin_eval else {}}
+        return run.finish(report, format_report(report))
+    finally:
+        run.close()
 
 
 def format_report(r: dict) -> str:
@@ -480,14 +521,28 @@ def format_report(r: dict) -> str:
                 f"{b['accuracy']:5.1%} | length {a['length']:4.1f} -> {b['length']:4.1f} | overlong "
                 f"{a['overlong']:4.1%} -> {b['overlong']:4.1%}")
 
-    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"])
-    lines.append(f"GRPO on {r['tasks']} ({r['mode']}, {r['reward_kind']} reward), {r['steps']} steps in "
-                 f"{r['seconds']:.0f}s:")
-    lines.append(line("  held-out, greedy, before -> after", r["held_out_before"], r["held_out_after"]))
+    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"]) if r["accuracy_after"] else []
+    lines.append(f"GRPO on {r['tasks']} ({r['mode']}, {r['reward_kind']} reward), {r['steps']} steps; "
+                 f"{r['sampled_tokens_per_s']:,.0f} sampled tokens/s:")
+    if r["held_out_after"]:
+        lines.append(line("  held-out, greedy, before -> after", r["held_out_before"], r["held_out_after"]))
+        n = r["held_out"]
+        lo, hi = (interval95(r["held_out_after"]["accuracy"] * n, n))
+        lines.append(f"  (held-out accuracy after: 95% interval {lo:.1%} - {hi:.1%} over {n} questions)")
     lines.append(line(f"  sampled, first {r['window']} -> last {r['window']} steps", r["sampled_first"],
                       r["sampled_last"]))
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
+                    default_config=DEFAULT_CONFIG)
+    try:
+        rl_train(cfg)
+    except (ConfigError, ValueError) as e:  # ConfigError, CheckpointError, DataError: one line each
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    rl_train(parse_args(sys.argv[1:], RLConfig, check_config))
+    main()

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import ConfigError
 from model import LOSS_CHUNK_TOKENS, ModelConfig, count_params, flops_per_token
+from train import load_config  # train.py's checks and messages, one source of truth
 
 GIB = 2 ** 30
 
@@ -337,7 +339,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.config is None:
         print(playbook_table())
         return
-    from train import ConfigError, load_config  # train.py's checks and messages, one source of truth
     try:
         if args.gpus < 1 or (args.tokens is not None and not args.tokens > 0):
             raise ValueError(f"--gpus must be >= 1 and --tokens > 0, got --gpus {args.gpus} --tokens {args.tokens}")

@@ -1,52 +1,53 @@
-"""Supervised fine-tuning: a pretrained run becomes a chat model that answers in two modes.
+"""Supervised fine-tuning: a pretrained model becomes a chat model that answers in two modes.
 
     python train.py                                   # the base model (runs/tiny)
-    python sft.py                                     # runs/tiny -> runs/tiny-sft, then a report
-    python sft.py --packing false --name tiny-sft-nopack
-    python sft.py --lora-rank 8 --lr 3e-3 --name tiny-sft-lora
+    python sft.py                                     # configs/sft_tiny.toml: runs/tiny -> runs/tiny-sft, a report
+    python sft.py --sft.packing=false --run.name=tiny-sft-nopack
+    python sft.py --sft.lora_rank=8 --optim.lr=3e-3 --run.name=tiny-sft-lora
+    python sft.py --config configs/sft_smollm2.toml   # SmolLM2-135M-Instruct on a JSONL file
+    torchrun --nproc_per_node=2 sft.py                # DDP (or --run.parallelism=fsdp)
 
 The story, top to bottom (the playbook's post-training chapter):
-1. The chat template. SmolLM2 uses ChatML (`<|im_start|>role\\n...<|im_end|>\\n`), rendered here in
-   plain Python and checked byte for byte against the Jinja template inside SmolLM2's GGUF file.
-   SmolLM3 adds a reasoning switch: `/think` or `/no_think` in the system prompt; in no-think mode
-   the assistant turn starts with an empty think block, so one model serves both modes.
-2. Assistant-only loss: only the tokens the assistant writes (and its `<|im_end|>`) carry loss.
-3. Data: built-in verifiable tasks (addition, sorting, reversing words), each with a short
-   reasoning trace for think mode. The hybrid mix is balanced by tokens, not by examples: think
-   examples are longer, and counting examples gives the "split brain" the playbook warns about.
-4. Packing: conversations are packed into full rows by best-fit decreasing, with document masking
+1. Assistant-only loss: the conversation is rendered with the chat template (chat.py: SmolLM2's
+   ChatML, SmolLM3's /think and /no_think) and only the tokens the assistant writes (and its
+   <|im_end|>) carry loss.
+2. The hybrid reasoning mix, balanced by tokens, not by examples: think examples are longer, and
+   counting examples gives the "split brain" the playbook warns about. The data are the built-in
+   verifiable tasks (posttrain.py), or your conversations in TRL's formats (sft.data).
+3. Packing: conversations are packed into full rows by best-fit decreasing, with document masking
    so no conversation attends to another (the playbook: 3-5x throughput), or padded one per row.
-5. LoRA: low-rank adapters on every linear layer of the blocks, the base weights frozen.
-6. The report: loss, answer accuracy per task and mode before and after, tokens/s, padding.
-
-One process (CPU or one GPU); the pretraining file has the distributed machinery.
+4. LoRA: low-rank adapters on every linear layer of the blocks, the base weights frozen.
+5. The run (posttrain.PostTrainRun: one process or torchrun, checkpoints, exact resume) and its
+   report: loss, answer accuracy per task and mode before and after with 95% intervals, tokens/s.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import json
 import math
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiktoken
 import torch
 import torch.nn as nn
 
-from chat import EMPTY_THINK, SMOLLM2_SYSTEM, chat_segments, render_chat  # noqa: F401 (re-exported)
-from optim import OptimConfig, build_optimizer, lr_at
+from chat import chat_segments
+from config import ConfigError, load_config as read_config, parse_cli
+from distributed import all_reduce_mean
+from optim import OptimConfig
+from posttrain import (MODES, EpochOrder, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, global_mean_scale,
+                       held_out_examples, interval95, load_conversations, make_examples, mean_of)
+from tokenizer import eot_id
 
 # --------------------------------------------------------------------------------------------
-# 1. The chat template (chat.py) and assistant-only loss
+# 1. Assistant-only loss (the chat template itself is chat.py's)
 # --------------------------------------------------------------------------------------------
 
-def encode_chat(enc, messages: list[dict], thinking: bool | None = None,
+
+def encode_chat(enc: tiktoken.Encoding, messages: list[dict], thinking: bool | None = None,
                 tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it carries loss (it was
     written by the assistant). Each piece is encoded alone so the mask follows the text exactly;
@@ -60,74 +61,11 @@ def encode_chat(enc, messages: list[dict], thinking: bool | None = None,
 
 
 # --------------------------------------------------------------------------------------------
-# 2-3. Built-in verifiable tasks and the hybrid reasoning mix
+# 2. The hybrid reasoning mix
 # --------------------------------------------------------------------------------------------
 
-WORDS = ("apple river stone cloud tiger paper green light music ocean table winter garden silver "
-         "window candle forest bridge yellow market planet sugar rabbit castle").split()
 
-
-@dataclass(frozen=True)
-class Example:
-    """One task instance: a question, the reasoning a think-mode answer writes first, the answer."""
-    task: str
-    question: str
-    reasoning: str
-    answer: str
-
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.question},
-                {"role": "assistant", "content": self.answer, "reasoning": self.reasoning}]
-
-
-def make_example(task: str, rng: random.Random) -> Example:
-    if task == "add":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        ones = a % 10 + b % 10
-        steps = f"ones: {a % 10} + {b % 10} = {ones}. tens and up: {a // 10} + {b // 10} + {ones // 10} = " \
-                f"{a // 10 + b // 10 + ones // 10}."
-        return Example(task, f"What is {a} + {b}?", steps, str(a + b))
-    if task == "sort":
-        xs = rng.sample(range(1, 100), rng.randint(3, 4))
-        steps = " ".join(f"smallest left: {x}." for x in sorted(xs))
-        return Example(task, "Sort ascending: " + " ".join(map(str, xs)), steps, " ".join(map(str, sorted(xs))))
-    if task == "reverse":
-        ws = rng.sample(WORDS, rng.randint(3, 4))
-        steps = " ".join(f"word {len(ws) - i}: {w}." for i, w in enumerate(reversed(ws)))
-        return Example(task, "Reverse the words: " + " ".join(ws), steps, " ".join(reversed(ws)))
-    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
-
-
-TASKS = ("add", "sort", "reverse")
-
-
-def make_examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS, exclude: set[str] = frozenset()) -> list[Example]:
-    """n examples, tasks in turn; questions in exclude (a held-out set) are never produced."""
-    rng, out, seen, misses = random.Random(seed), [], set(exclude), 0
-    while len(out) < n:
-        ex = make_example(tasks[len(out) % len(tasks)], rng)
-        if ex.question not in seen:
-            seen.add(ex.question)
-            out.append(ex)
-            misses = 0
-        elif (misses := misses + 1) > 10_000:  # the task has run out of new questions
-            raise ValueError(f"task {ex.task!r} has no more distinct questions after {len(out):,} examples; "
-                             f"ask for fewer (--train-examples)")
-    return out
-
-
-def strip_think(completion: str) -> str:
-    """The answer part of a completion: what follows </think> (all of it without a think block)."""
-    return completion.split("</think>", 1)[1] if "</think>" in completion else completion
-
-
-def check_answer(example: Example, completion: str) -> bool:
-    """The verifier: the answer after any think block, up to <|im_end|>, equals the expected one."""
-    answer = strip_think(completion).split("<|im_end|>", 1)[0]
-    return " ".join(answer.split()) == example.answer
-
-
-def hybrid_mix(enc, examples: list[Example], think_token_share: float,
+def hybrid_mix(enc: tiktoken.Encoding, examples: list[Example], think_token_share: float,
                seed: int = 0) -> tuple[list[tuple[list[int], list[bool]]], dict]:
     """Assign each example a mode so that think-mode conversations hold think_token_share of the
     tokens (SmolLM3 balanced its mix by tokens: think answers are longer, so a 50/50 split by
@@ -153,7 +91,7 @@ def hybrid_mix(enc, examples: list[Example], think_token_share: float,
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Packing
+# 3. Packing
 # --------------------------------------------------------------------------------------------
 
 
@@ -161,7 +99,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins (lists of item indices) of total length <= capacity: longest item first, each into the
     fullest bin it still fits in. Every item must fit in an empty bin."""
     if any(n > capacity for n in lengths):
-        raise ValueError(f"an item of {max(lengths)} tokens exceeds the row length {capacity}; raise --seq-len "
+        raise ValueError(f"an item of {max(lengths)} tokens exceeds the row length {capacity}; raise sft.seq_len "
                          f"or drop long conversations")
     bins, free = [], []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -184,7 +122,7 @@ def make_rows(conversations: list[tuple[list[int], list[bool]]], seq_len: int, p
     lengths = [len(ids) for ids, _ in conversations]
     groups = best_fit_decreasing(lengths, seq_len) if packing else [[i] for i in range(len(conversations))]
     if not packing and max(lengths, default=0) > seq_len:
-        raise ValueError(f"a conversation of {max(lengths)} tokens exceeds the row length {seq_len}; raise --seq-len")
+        raise ValueError(f"a conversation of {max(lengths)} tokens exceeds the row length {seq_len}; raise sft.seq_len")
     ids = torch.full((len(groups), seq_len), pad_id, dtype=torch.long)
     targets = torch.full((len(groups), seq_len), -100, dtype=torch.long)
     doc_ids = torch.full((len(groups), seq_len), -1, dtype=torch.long)  # padding: a document of its own
@@ -203,7 +141,7 @@ def make_rows(conversations: list[tuple[list[int], list[bool]]], seq_len: int, p
 
 
 # --------------------------------------------------------------------------------------------
-# 5. LoRA
+# 4. LoRA
 # --------------------------------------------------------------------------------------------
 
 
@@ -231,7 +169,7 @@ class LoRALinear(nn.Module):
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """s (x A^T) B^T: the adapter's share of the output, through the rank-r bottleneck (as PEFT
         computes it): no (out x in) matrix, and the frozen W gets no weight gradient. The model's
-        fused projections (attention.fused_projections) add it to their slice of the fused GEMM."""
+        fused projections (blocks.fused_projections) add it to their slice of the fused GEMM."""
         return self.scale * nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,228 +210,142 @@ def merge_lora(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Fine-tuning run and report
+# 5. The fine-tuning run and its report
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class SFTConfig:
-    init: str = "runs/tiny"        # the base: a run folder or checkpoint of train.py (eval.load_model)
-    name: str = "tiny-sft"         # output: <out_dir>/<name>
-    out_dir: str = "runs"
-    train_examples: int = 3000
-    eval_examples: int = 20        # per task, held out (no question of training appears)
-    think_token_share: float = 0.5
-    packing: bool = True
-    seq_len: int = 256
-    rows_per_step: int = 8
-    epochs: float = 3.0
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    lora_rank: int = 0             # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    seed: int = 0
-    device: str = "auto"
-    max_new_tokens: int = 64
+    data: str = ""                 # conversations to train on: a .jsonl/.parquet file of TRL's formats ("messages",
+                                   # or "prompt" + "completion"); "" = the built-in tasks in both reasoning modes
+    train_examples: int = 3000     # built-in tasks: conversations to generate
+    eval_examples: int = 20        # per built-in task: held-out questions scored before and after (0: none)
+    eval_modes: tuple[str, ...] = ("think", "no_think")  # the modes they are asked in: think | no_think | plain
+    think_token_share: float = 0.5  # built-in tasks: the share of tokens in think mode (SmolLM3: balanced by tokens)
+    packing: bool = True           # best-fit-decreasing packing with document masking; false: one conversation per row
+    seq_len: int = 256             # tokens per row
+    rows_per_step: int = 8         # rows per optimizer step, over all processes
+    epochs: float = 3.0            # passes over the rows (a new shuffle each)
+    lora_rank: int = 0             # 0: full fine-tuning; r > 0: LoRA adapters of rank r, base frozen
+    lora_alpha: float = 16.0       # LoRA's scale is alpha / rank
+
+    def __post_init__(self):
+        if self.train_examples < 1 or self.eval_examples < 0 or self.seq_len < 2 or self.rows_per_step < 1:
+            raise ValueError("sft.train_examples, sft.rows_per_step must be >= 1, sft.seq_len >= 2, "
+                             "sft.eval_examples >= 0")
+        if self.epochs <= 0 or self.lora_rank < 0 or not 0 <= self.think_token_share <= 1:
+            raise ValueError("sft.epochs must be > 0, sft.lora_rank >= 0, sft.think_token_share in [0, 1]")
+        if not self.eval_modes or not set(self.eval_modes) <= set(MODES):
+            raise ValueError(f"sft.eval_modes={list(self.eval_modes)}: a non-empty list of {list(MODES)}")
 
 
-def generate_completions(model, prompts: list[list[int]], k: int, temperature: float, max_new_tokens: int,
-                         end_id: int, generator: torch.Generator | None = None, top_k: int | None = None,
-                         max_rows: int = 256) -> list[list[int]]:
-    """k completions of every prompt (row p * k + j is prompt p's j-th), each ending at its first
-    end_id (<|im_end|>, kept) or after max_new_tokens (capped by the room max_seq_len leaves).
-    temperature 0 is greedy. generate() takes one prompt length per batch, so prompts of equal
-    token length are generated together, k copies of each, up to max_rows rows at a time. Used by
-    the evaluation here, dpo.py's on-policy pairs and rl.py's rollouts."""
-    device = next(model.parameters()).device
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    out: list[list[int]] = [[] for _ in range(len(prompts) * k)]
-    per_batch = max(1, max_rows // k)
-    model.eval()
-    with torch.no_grad():
-        for n, members in by_length.items():
-            for b in range(0, len(members), per_batch):
-                chunk = members[b:b + per_batch]
-                x = torch.tensor([prompts[i] for i in chunk for _ in range(k)], device=device)
-                new = model.generate(x, min(max_new_tokens, model.cfg.max_seq_len - n), temperature=temperature,
-                                     top_k=top_k, eos_id=end_id, generator=generator)[:, n:].tolist()
-                for j, row in enumerate(new):
-                    out[chunk[j // k] * k + j % k] = row[:row.index(end_id) + 1] if end_id in row else row
-    return out
+SECTIONS = {"run": RunConfig, "optim": OptimConfig, "sft": SFTConfig}
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft_tiny.toml"
 
 
-def generate_answers(model, enc, examples: list[Example], thinking: bool, max_new_tokens: int,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy completions of each question in the given mode, up to <|im_end|> (not included)."""
-    end = enc.encode("<|im_end|>", allowed_special="all")[0]
-    prompts = [enc.encode(render_chat(ex.messages()[:1], thinking=thinking, add_generation_prompt=True),
-                          allowed_special="all") for ex in examples]
-    completions = generate_completions(model, prompts, 1, 0.0, max_new_tokens, end, max_rows=batch_size)
-    return [enc.decode(c[:-1] if c[-1:] == [end] else c) for c in completions]
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """{"run", "optim", "sft"} from a TOML file (default configs/sft_tiny.toml) and overrides."""
+    return read_config(path or DEFAULT_CONFIG, overrides, sections=SECTIONS)
 
 
-def follows_mode(completion: str, thinking: bool) -> bool:
-    """Think mode: the completion opens with a non-empty think block. No-think mode (whose prompt
-    already holds the empty block): it writes no think block of its own."""
-    if not thinking:
-        return "<think>" not in completion
-    return completion.startswith("<think>\n") and "</think>" in completion and \
-        completion.split("</think>", 1)[0].strip() != "<think>"
+def training_conversations(cfg: SFTConfig, enc: tiktoken.Encoding, eval_set: list[Example],
+                           seed: int) -> tuple[list[tuple[list[int], list[bool]]], dict]:
+    """Encoded (ids, loss mask) conversations and the mix report: from sft.data, or the built-in
+    tasks (none of the held-out questions) balanced by tokens between the two reasoning modes."""
+    if cfg.data:
+        rows = load_conversations(cfg.data)
+        conversations = [encode_chat(enc, messages, tools=tools) for messages, tools in rows]
+        n = sum(len(c[0]) for c in conversations)
+        return conversations, {"file": {"examples": len(rows), "tokens": n, "example_share": 1.0, "token_share": 1.0}}
+    examples = make_examples(cfg.train_examples, seed=seed, exclude={e.question for e in eval_set})
+    return hybrid_mix(enc, examples, cfg.think_token_share, seed)
 
 
-def accuracy(model, enc, examples: list[Example], max_new_tokens: int) -> dict[str, float]:
-    """Share of correct answers per task and mode (think / no_think), and per mode the share of
-    completions that follow it (format/think, format/no_think: the /think switch works)."""
-    result = {}
-    for thinking in (True, False):
-        mode = "think" if thinking else "no_think"
-        completions = generate_answers(model, enc, examples, thinking, max_new_tokens)
-        for task in sorted({ex.task for ex in examples}):
-            pairs = [(ex, c) for ex, c in zip(examples, completions) if ex.task == task]
-            result[f"{task}/{mode}"] = sum(check_answer(e, c) for e, c in pairs) / len(pairs)
-        result[f"format/{mode}"] = sum(follows_mode(c, thinking) for c in completions) / len(completions)
-    return result
-
-
-def save_model(model, data_cfg, path: Path, extra: dict) -> None:
-    """A checkpoint eval.load_model reads (the model and data configs + weights), written to .tmp
-    and renamed."""
-    config = {"model": dataclasses.asdict(model.cfg), "data": dataclasses.asdict(data_cfg)}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": config, "model": model.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
-
-
-def load_start(spec: str, device: str, seed: int, how_to_make_it: str):
-    """(model, tokenizer, DataConfig, device) of the run a post-training stage starts from; a
-    missing or unreadable run stops with one line saying how to make it. Seeds torch."""
-    from eval import EvalError, load_model
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch.manual_seed(seed)
-    try:
-        model, enc, data_cfg = load_model(spec, device)
-    except EvalError as e:
-        raise SystemExit(f"error: cannot load {spec!r} ({e}); make it first: {how_to_make_it}")
-    return model, enc, data_cfg, device
-
-
-HELD_OUT_SEED = 1  # one evaluation set for every run, whatever its --seed: runs of different seeds compare
-
-
-def held_out_examples(per_task: int) -> list[Example]:
-    """The evaluation questions, the same for sft.py, dpo.py, rl.py and merge.py and for every
-    --seed; training excludes them."""
-    return make_examples(per_task * len(TASKS), seed=HELD_OUT_SEED)
-
-
-def finetune(cfg: SFTConfig, log=functools.partial(print, flush=True)) -> dict:
+def finetune(cfg: dict, log=print) -> dict:
     """Run SFT as configured and return the report (also written to <run>/report.json)."""
-    model, enc, data_cfg, device = load_start(cfg.init, cfg.device, cfg.seed, "python train.py")
-    if cfg.seq_len > model.cfg.max_seq_len:
-        raise SystemExit(f"error: --seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    eval_set = held_out_examples(cfg.eval_examples)
-    train_set = make_examples(cfg.train_examples, seed=cfg.seed, exclude={e.question for e in eval_set})
-    conversations, mix = hybrid_mix(enc, train_set, cfg.think_token_share, cfg.seed)
-    pad_id = enc.encode("<|endoftext|>", allowed_special="all")[0]
-    ids, targets, doc_ids = make_rows(conversations, cfg.seq_len, cfg.packing, pad_id)
-    real_tokens = sum(len(c[0]) for c in conversations)
-    log(f"data: {len(train_set):,} conversations, {real_tokens:,} tokens -> {ids.shape[0]:,} rows of {cfg.seq_len} "
-        f"({'packed, best-fit decreasing' if cfg.packing else 'one per row'}; "
-        f"{real_tokens / ids.numel():.0%} of positions are real tokens)")
-    for mode, r in mix.items():
-        log(f"  {mode:8s} {r['examples']:5,} examples ({r['example_share']:.0%})  {r['tokens']:7,} tokens "
-            f"({r['token_share']:.0%})")
-    before = accuracy(model, enc, eval_set, cfg.max_new_tokens)
-    trainable = add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else sum(
-        p.numel() for p in model.parameters())
-    log(f"training {trainable:,} parameters ({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full'})")
-    steps = max(1, math.ceil(cfg.epochs * ids.shape[0] / cfg.rows_per_step))
-    ocfg = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=min(cfg.warmup_steps, steps // 2),
-                       weight_decay=0.0 if cfg.lora_rank else 0.1)
-    optimizer = build_optimizer(model, ocfg)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(run_dir / "metrics.jsonl", "w")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(ids.shape[0], generator=gen), 0
-    batch = min(cfg.rows_per_step, ids.shape[0])
-    model.train()
-    t0, losses, trained_tokens = time.time(), [], 0
-    from tqdm import tqdm
-    for step in tqdm(range(1, steps + 1), desc="sft", disable=not sys.stderr.isatty()):
-        if pos + batch > ids.shape[0]:  # a new epoch: reshuffle (a partial last batch is dropped)
-            order, pos = torch.randperm(ids.shape[0], generator=gen), 0
-        rows = order[pos:pos + batch]
-        pos += batch
-        lr = lr_at(step - 1, ocfg, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = ids[rows].to(device), targets[rows].to(device)
-        docs = doc_ids[rows].to(device) if cfg.packing else None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):  # bf16 on GPU, as train.py
-            loss, _ = model(x, y, docs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        trained_tokens += int((x != pad_id).sum())
-        losses.append(loss.item())
-        metrics.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr}) + "\n")
-        if step % 25 == 0 or step == steps:
-            log(f"step {step:5d}/{steps} | loss {sum(losses[-25:]) / len(losses[-25:]):.4f} | lr {lr:.2e}")
-    seconds = time.time() - t0
-    metrics.close()
-    if cfg.lora_rank:
-        merge_lora(model)
-    after = accuracy(model, enc, eval_set, cfg.max_new_tokens)
-    report = {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-              "tokens_per_s": trained_tokens / seconds, "fill": real_tokens / ids.numel(), "rows": ids.shape[0],
-              "trainable_params": trainable, "mix": mix, "accuracy_before": before, "accuracy_after": after}
-    save_model(model, data_cfg, run_dir / f"ckpt_{steps:07d}.pt",
-               {"step": steps, "sft": dataclasses.asdict(cfg)})
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    log(format_report(report))
-    return report
-
-
-def accuracy_table(before: dict[str, float], after: dict[str, float]) -> list[str]:
-    """Lines of 'task/mode  before -> after' for a report."""
-    return ["", "task/mode           accuracy before -> after"] + [
-        f"{key:20s} {before[key]:6.0%} -> {after[key]:6.0%}" for key in after]
+    scfg = cfg["sft"]
+    run = PostTrainRun(cfg, "sft", "python train.py", log)
+    try:
+        model, enc, device = run.model, run.enc, run.device
+        if scfg.seq_len > model.cfg.max_seq_len:
+            raise ConfigError(f"sft.seq_len={scfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+        if scfg.rows_per_step % run.world:
+            raise ConfigError(f"sft.rows_per_step={scfg.rows_per_step} must divide among {run.world} processes")
+        if scfg.lora_rank and cfg["run"].parallelism == "fsdp":
+            raise ConfigError("LoRA trains a few numbers per layer: use run.parallelism=ddp (FSDP shards whole weights)")
+        eval_set = held_out_examples(scfg.eval_examples) if scfg.eval_examples else []
+        conversations, mix = training_conversations(scfg, enc, eval_set, cfg["run"].seed)
+        pad_id = eot_id(enc)
+        ids, targets, doc_ids = make_rows(conversations, scfg.seq_len, scfg.packing, pad_id)
+        real_tokens = sum(len(c[0]) for c in conversations)
+        run.log(f"data: {len(conversations):,} conversations, {real_tokens:,} tokens -> {ids.shape[0]:,} rows of "
+                f"{scfg.seq_len} ({'packed, best-fit decreasing' if scfg.packing else 'one per row'}; "
+                f"{real_tokens / ids.numel():.0%} of positions are real tokens)")
+        for mode, r in mix.items():
+            run.log(f"  {mode:8s} {r['examples']:5,} examples ({r['example_share']:.0%})  {r['tokens']:7,} tokens "
+                    f"({r['token_share']:.0%})")
+        max_new = cfg["run"].eval_max_new_tokens
+        before = accuracy(model, enc, eval_set, max_new, scfg.eval_modes) if eval_set and run.master else {}
+        trainable = add_lora(model, scfg.lora_rank, scfg.lora_alpha) if scfg.lora_rank else \
+            sum(p.numel() for p in model.parameters())
+        run.log(f"training {trainable:,} parameters ({'LoRA rank ' + str(scfg.lora_rank) if scfg.lora_rank else 'full'})")
+        steps = max(1, math.ceil(scfg.epochs * ids.shape[0] / scfg.rows_per_step))
+        order = EpochOrder(ids.shape[0], scfg.rows_per_step, cfg["run"].seed)
+        saved = run.begin(cfg["optim"], steps)
+        if saved:
+            order.load_state_dict(saved["order"])
+        t0, trained_tokens = time.time(), 0
+        for step in range(run.start_step + 1, steps + 1):
+            lr = run.set_lr(step)
+            rows = order.next()[run.rank::run.world]  # this process's share of the step's rows
+            x, y = ids[rows].to(device), targets[rows].to(device)
+            docs = doc_ids[rows].to(device) if scfg.packing else None
+            with run.autocast:
+                loss, _ = run.train_model(x, y, docs)
+            scale = global_mean_scale(float((y != -100).sum()), device)  # the mean over every process's tokens
+            (loss * scale).backward()
+            grad_norm = run.clip_and_step()
+            trained_tokens += int((x != pad_id).sum())
+            step_loss = all_reduce_mean(loss.item() * scale, device)
+            run.end_step(step, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm},
+                         f"loss {step_loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f}", {"order": order.state_dict()})
+        seconds = time.time() - t0
+        if scfg.lora_rank:
+            merge_lora(model)
+        tokens_per_s = all_reduce_mean(trained_tokens, device) * run.world / max(seconds, 1e-9)
+        full = run.full_model()
+        if not run.master:
+            return run.finish({}, "")
+        history = run.history()
+        report = {"steps": steps, "first_loss": history[0]["loss"], "final_loss": mean_of(history[-10:], "loss"),
+                  "tokens_per_s": tokens_per_s, "fill": real_tokens / ids.numel(), "rows": ids.shape[0],
+                  "trainable_params": trainable, "mix": mix, "held_out_per_task": scfg.eval_examples if eval_set else 0,
+                  "accuracy_before": before, "accuracy_after": accuracy(full, enc, eval_set, max_new, scfg.eval_modes) if eval_set else {}}
+        return run.finish(report, format_report(report))
+    finally:
+        run.close()
 
 
 def format_report(r: dict) -> str:
-    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"])
+    lines = accuracy_table(r["accuracy_before"], r["accuracy_after"]) if r["accuracy_after"] else []
+    n = r["held_out_per_task"]
+    if n:
+        lines.append(f"(per task and mode, {n} held-out questions: a share's 95% interval is about "
+                     f"+-{(interval95(n / 2, n)[1] - 0.5):.0%} at 50%)")
     lines.append(f"loss {r['first_loss']:.3f} -> {r['final_loss']:.3f} in {r['steps']} steps; "
                  f"{r['tokens_per_s']:,.0f} tokens/s; rows {r['fill']:.0%} full")
     return "\n".join(lines)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
-
-
-def parse_args(argv: list[str], config_class=None, check=None) -> object:
-    """--some-field VALUE for every field of the config dataclass (SFTConfig by default); fields
-    are int, float, str or bool. `check(config)` may raise ValueError: the run then stops with that
-    one line before any loading."""
-    config_class = config_class or SFTConfig
-    parser = argparse.ArgumentParser(description=sys.modules[config_class.__module__].__doc__.split("\n")[0])
-    types = {"int": int, "float": float, "str": str, "bool": _bool}
-    for f in dataclasses.fields(config_class):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=types[f.type], default=f.default)
-    config = config_class(**vars(parser.parse_args(argv)))
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
+                    default_config=DEFAULT_CONFIG)
     try:
-        if check:
-            check(config)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    return config
+        finetune(cfg)
+    except (ConfigError, ValueError) as e:  # ConfigError, CheckpointError, DataError: one line each
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    finetune(parse_args(sys.argv[1:]))
+    main()

@@ -34,7 +34,6 @@ import argparse
 import csv
 import functools
 import io
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +44,9 @@ import regex
 import tiktoken
 
 import tokenizer
+from corpus import DEFAULT_WEIGHTS, corpus_documents, sample_documents
+from data import split_documents
+from gguf_file import smollm2_gguf_path
 from model import ModelConfig, count_params
 
 PARALLEL_DIR = Path(__file__).resolve().parent / "texts" / "parallel"
@@ -58,9 +60,10 @@ WORD_PATTERN = regex.compile(
 SWEEP_MODEL = dict(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, tie_embeddings=True)
 
 
-def split_words(text: str) -> list[str]:
-    """The words fertility is measured over (see the module docstring for the rule)."""
-    return WORD_PATTERN.findall(text)
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets of the words fertility is measured over (the module
+    docstring gives the rule)."""
+    return [m.span() for m in WORD_PATTERN.finditer(text)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +122,7 @@ def text_stats(enc: tiktoken.Encoding, text: str) -> TextStats:
     last."""
     ids = enc.encode_ordinary(text)
     n_bytes = len(text.encode("utf-8"))
-    spans = [m.span() for m in WORD_PATTERN.finditer(text)]
+    spans = word_spans(text)
     if not spans or not ids:
         return TextStats(len(spans), len(ids), 0, 0, n_bytes)
     token_of_byte = np.repeat(np.arange(len(ids)), _token_lengths(enc)[ids])
@@ -157,22 +160,7 @@ def parallel_sample(directory: Path = PARALLEL_DIR) -> dict[str, list[str]]:
 
 def held_out_split(seed: int = 0, eval_fraction: float = 0.2) -> dict[str, dict[str, list[str]]]:
     """Per domain, documents to train BPEs on and held-out documents to evaluate on (data.py's split)."""
-    import data
-    return {d: data.split_documents(data.corpus_documents(d), eval_fraction, seed, d) for d in DOMAINS}
-
-
-def take_bytes(docs: list[str], budget: int, seed: int, name: str) -> list[str]:
-    """Documents in a seeded order until about `budget` UTF-8 bytes (the last one cut to fit)."""
-    docs = list(docs)
-    random.Random(f"{seed}:{name}").shuffle(docs)
-    out = []
-    for doc in docs:
-        if budget <= 0:
-            break
-        raw = doc.encode("utf-8")
-        out.append(raw[:budget].decode("utf-8", errors="ignore") if len(raw) > budget else doc)
-        budget -= len(raw)
-    return out
+    return {d: split_documents(corpus_documents(d), eval_fraction, seed, d) for d in DOMAINS}
 
 
 def truncate_bpe(enc: tiktoken.Encoding, vocab_size: int) -> tiktoken.Encoding:
@@ -194,8 +182,7 @@ def reference_tokenizers(log=print) -> dict[str, tiktoken.Encoding]:
     """SmolLM2's and cl100k_base, each when its package is installed (else a note and skipped)."""
     found = {}
     try:
-        import weights
-        found["SmolLM2"] = tokenizer.from_gguf(weights.smollm2_gguf_path())
+        found["SmolLM2"] = tokenizer.from_gguf(smollm2_gguf_path())
     except (ImportError, OSError, ValueError) as e:
         log(f"note: SmolLM2 tokenizer skipped: {e}")
     try:
@@ -298,9 +285,9 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     split = held_out_split(args.seed)
-    texts = {d: take_bytes(split[d]["val"], args.eval_bytes, args.seed, d) for d in DOMAINS}
-    train = [doc for d, w in tokenizer.DEFAULT_WEIGHTS.items()
-             for doc in take_bytes(split[d]["train"], int(args.train_bytes * w), args.seed, d)]
+    texts = {d: sample_documents(split[d]["val"], args.eval_bytes, f"{args.seed}:{d}") for d in DOMAINS}
+    train = [doc for d, w in DEFAULT_WEIGHTS.items()
+             for doc in sample_documents(split[d]["train"], int(args.train_bytes * w), f"{args.seed}:{d}")]
     try:
         parallel = parallel_sample()
         for path in args.files:  # named by file name, so "en.txt" does not replace the sample's "en"

@@ -52,7 +52,7 @@ from tokenizer import eot_id
 @dataclass
 class TrainConfig:
     name: str = "tiny"               # the run folder: <out_dir>/<name>
-    out_dir: str = "runs"
+    out_dir: str = "runs"            # where run folders go
     max_steps: int = 500             # optimizer steps; with a batch ramp, full-batch steps: the run trains on
                                      # max_steps x global batch sequences, and the lr schedule follows tokens
     micro_batch_size: int = 16       # sequences per forward pass on one rank
@@ -60,14 +60,14 @@ class TrainConfig:
     global_batch_size: int = 0       # sequences per step; when set, grad_accum_steps follows from the world size
     batch_ramp_start: int = 0        # batch warmup: the global batch (sequences) of the first step, growing
     batch_ramp_tokens: int = 0       # linearly to the full one over this many tokens (0: no ramp)
-    seq_len: int = 256
-    log_interval: int = 10
+    seq_len: int = 256               # tokens per training sequence (at most model.max_seq_len)
+    log_interval: int = 10           # a log line and a metrics.jsonl row every N steps
     eval_interval: int = 100         # validation loss every N steps (and at step 0 and the end)
-    eval_batches: int = 8
+    eval_batches: int = 8            # micro-batches of validation windows per evaluation (always the same ones)
     ckpt_interval: int = 250         # a checkpoint every N steps (and at the end); 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2        # the newest N checkpoints are kept
     resume: bool = False             # continue from the latest checkpoint in the run folder
-    seed: int = 1337
+    seed: int = 1337                 # weights init (the same on every rank), then per-rank randomness
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "auto"              # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
     compile: str = "auto"            # torch.compile the training forward: auto (on GPU) | true | false

@@ -27,7 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attention import kv_values_per_token  # noqa: E402
-from model import count_params  # noqa: E402
+from checkpoint import checkpoint_paths  # noqa: E402
+from data import MixtureLoader, prepare_data, tokenizer_fingerprint  # noqa: E402
+from model import Transformer, count_params  # noqa: E402
+from tokenizer import eot_id  # noqa: E402
 from train import load_config, train  # noqa: E402
 
 # The small shared model: 8 heads of 16 dims, 4 layers; GQA-4 (4 KV heads) is the baseline.
@@ -79,11 +82,8 @@ def context_extension(out_dir: str, seed: int, n_batches: int = 16) -> list[dict
     (extrapolation to unseen positions), YaRN x2 (yarn_factor=2), DCA (chunk 192 + local window 64,
     no position beyond 255). Mean loss on positions 256-511 of validation windows, and on positions
     0-255 (inside the trained length) for reference; documents masked as in training."""
-    from data import MixtureLoader, prepare_data, tokenizer_fingerprint
-    from model import Transformer
-    from tokenizer import eot_id
     run = Path(out_dir) / f"gqa4-seed{seed}"
-    saved = torch.load(sorted(run.glob("ckpt_*.pt"))[-1], map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint_paths(run)[-1] / "state.pt", map_location="cpu", weights_only=False)["model"]
     cfg = load_config(run / "config.toml")
     dcfg, mcfg = cfg["data"], cfg["model"]
     enc = prepare_data(dcfg, mcfg.vocab_size, log=lambda *a: None)
@@ -93,7 +93,7 @@ def context_extension(out_dir: str, seed: int, n_batches: int = 16) -> list[dict
                            ("YaRN, factor 2", {"yarn_factor": 2.0, "yarn_original_seq_len": 256}),
                            ("DCA, chunk 192 + window 64", {"dca_chunk_size": 192, "dca_local_window": 64})]:
         model = Transformer(dataclasses.replace(mcfg, max_seq_len=512, **changes)).eval()
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(state)
         loader = MixtureLoader(dcfg.shard_dir(mcfg.vocab_size), dcfg.weights, "val", 512, dcfg.seed, eot_id(enc),
                                fingerprint=fingerprint)
         sums = torch.zeros(2)

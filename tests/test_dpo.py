@@ -2,20 +2,30 @@
 margin, on-policy pairs come from the model's own samples, and a short run learns the preference."""
 
 import copy
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 import dpo
-import eval as ev
+import model as model_module
+import posttrain
 import sft
+from checkpoint import load_model, save_checkpoint
 from conftest import TEST_VOCAB
 from model import ModelConfig, Transformer
 
 BETA = 0.3
+
+
+def save_start(model: Transformer, data_cfg, run_dir: Path) -> Path:
+    """A run folder holding `model` as the post-training stages save theirs (checkpoint.load_model reads it)."""
+    meta = {"step": 0, "config": {"model": dataclasses.asdict(model.cfg), "data": dataclasses.asdict(data_cfg)}}
+    save_checkpoint(run_dir, 0, model, None, meta)
+    return run_dir
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -104,24 +114,25 @@ def test_bad_loss_kind_and_beta_raise_clear_errors():
     with pytest.raises(ValueError, match="reference"):
         dpo.preference_loss("dpo", x, x, None, None, 0.1)
     with pytest.raises(ValueError, match="choose from"):  # checked before any model is loaded
-        dpo.preference_train(dpo.DPOConfig(init="/nonexistent", loss="simpo"))
+        dpo.load_config(None, ["--run.init=/nonexistent", "--dpo.loss=simpo"])
     with pytest.raises(ValueError, match="beta"):
-        dpo.preference_train(dpo.DPOConfig(init="/nonexistent", beta=0.0))
+        dpo.load_config(None, ["--run.init=/nonexistent", "--dpo.beta=0.0"])
 
 
 def test_cli_parses_into_the_config():
-    cfg = sft.parse_args(["--loss", "ipo", "--beta", "0.2", "--data", "on_policy"], dpo.DPOConfig)
-    assert (cfg.loss, cfg.beta, cfg.data, cfg.lr, cfg.epochs) == ("ipo", 0.2, "on_policy", 1e-4, 1.0)
+    cfg = dpo.load_config(None, ["--dpo.loss=ipo", "--dpo.beta=0.2", "--dpo.pairs=on_policy"])
+    assert (cfg["dpo"].loss, cfg["dpo"].beta, cfg["dpo"].pairs, cfg["optim"].lr, cfg["dpo"].epochs) == \
+        ("ipo", 0.2, "on_policy", 1e-4, 1.0)  # the rest from configs/dpo_tiny.toml
 
 
 # ---- 2. response log-probabilities ------------------------------------------------------------
 
 def test_off_policy_pairs_are_verified_right_and_wrong(small_data):
     _, enc = small_data
-    examples = sft.make_examples(12, seed=3)
+    examples = posttrain.make_examples(12, seed=3)
     for thinking in (True, False):
         for p in dpo.off_policy_pairs(enc, examples, thinking, seed=0):
-            assert sft.check_answer(p.example, p.chosen) and not sft.check_answer(p.example, p.rejected)
+            assert posttrain.check_answer(p.example, p.chosen) and not posttrain.check_answer(p.example, p.rejected)
             assert p.chosen.endswith("<|im_end|>") and ("<think>" in p.chosen) == thinking
             # the pair is the SFT template's assistant turn: prompt + chosen = the encoded conversation
             ids, mask = sft.encode_chat(enc, p.example.messages(), thinking)
@@ -131,7 +142,7 @@ def test_off_policy_pairs_are_verified_right_and_wrong(small_data):
 def test_response_logps_is_the_per_token_sum_over_the_response_only(small_data):
     _, enc = small_data
     model = tiny_model().eval()
-    pairs = dpo.off_policy_pairs(enc, sft.make_examples(3, seed=5), thinking=False)
+    pairs = dpo.off_policy_pairs(enc, posttrain.make_examples(3, seed=5), thinking=False)
     ids, targets = dpo.pair_batch(pairs, pad_id(enc))
     with torch.no_grad():
         sums, counts = dpo.response_logps(model, ids, targets)
@@ -164,11 +175,11 @@ def test_chunked_logps_equal_one_log_softmax_in_values_and_gradients(small_data,
     backward: chunks that split rows (7 positions) give the same values and gradients as one
     log-softmax over everything."""
     _, enc = small_data
-    pairs = dpo.off_policy_pairs(enc, sft.make_examples(3, seed=5), thinking=False)
+    pairs = dpo.off_policy_pairs(enc, posttrain.make_examples(3, seed=5), thinking=False)
     ids, targets = dpo.pair_batch(pairs, pad_id(enc))
     results = []
     for chunk in (7, 10 ** 9):
-        monkeypatch.setattr(dpo, "LOGPS_CHUNK_TOKENS", chunk)
+        monkeypatch.setattr(model_module, "LOGPROB_CHUNK_TOKENS", chunk)
         model = tiny_model()
         logps = dpo.token_logps(model, ids, targets, temperature=1.3)
         (logps * torch.linspace(-1, 1, logps.shape[1])).sum().backward()
@@ -185,13 +196,13 @@ def test_token_logps_never_forms_the_whole_logits_and_equals_them(small_data, mo
     and gradients as log_softmax of the model's whole (N, T, V) logits, and the head module that
     would form those logits is never called."""
     _, enc = small_data
-    pairs = dpo.off_policy_pairs(enc, sft.make_examples(3, seed=5), thinking=False)
+    pairs = dpo.off_policy_pairs(enc, posttrain.make_examples(3, seed=5), thinking=False)
     ids, targets = dpo.pair_batch(pairs, pad_id(enc))
     reference, chunked = tiny_model(), tiny_model()
     logits = reference(ids)  # the whole logits, for the reference only
     want = torch.log_softmax(logits / 1.3, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     want = torch.where(targets != -100, want, 0.0)
-    monkeypatch.setattr(dpo, "LOGPS_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(model_module, "LOGPROB_CHUNK_TOKENS", 7)
     monkeypatch.setattr(chunked.lm_head, "forward", lambda h: pytest.fail("token_logps formed the whole logits"))
     got = dpo.token_logps(chunked, ids, targets, temperature=1.3)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -206,7 +217,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards(small_data):
     _, enc = small_data
     policy = tiny_model()
     ref = copy.deepcopy(policy)
-    pairs = dpo.off_policy_pairs(enc, sft.make_examples(4, seed=6), thinking=True)
+    pairs = dpo.off_policy_pairs(enc, posttrain.make_examples(4, seed=6), thinking=True)
     ids, targets = dpo.pair_batch(pairs, pad_id(enc))
     logps, _ = dpo.response_logps(policy, ids, targets)
     with torch.no_grad():
@@ -220,7 +231,7 @@ def test_one_dpo_step_increases_the_margin(small_data):
     _, enc = small_data
     policy = tiny_model()
     ref = copy.deepcopy(policy).requires_grad_(False)
-    pairs = dpo.off_policy_pairs(enc, sft.make_examples(6, seed=7), thinking=False)
+    pairs = dpo.off_policy_pairs(enc, posttrain.make_examples(6, seed=7), thinking=False)
     ids, targets = dpo.pair_batch(pairs, pad_id(enc))
     with torch.no_grad():
         ref_logps, _ = dpo.response_logps(ref, ids, targets)
@@ -241,40 +252,37 @@ def test_one_dpo_step_increases_the_margin(small_data):
 
 # ---- 3. on-policy pairs -------------------------------------------------------------------------
 
-class ScriptedModel(nn.Module):
-    """A stand-in with generate(): for the i-th prompt it writes scripted[i] (one text per sample)."""
-
-    def __init__(self, enc, scripted):
-        super().__init__()
-        self.cfg = ModelConfig(vocab_size=TEST_VOCAB, max_seq_len=256, d_model=64, n_heads=4, n_kv_heads=2)
-        self.weight = nn.Parameter(torch.zeros(1))
-        self.enc, self.scripted, self.sampled = enc, list(scripted), []
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None):
-        texts = self.scripted.pop(0)
-        assert len(texts) == idx.shape[0]
-        self.sampled.append(texts)
-        rows = [self.enc.encode(t, allowed_special="all")[:max_new_tokens] for t in texts]
-        width = max(map(len, rows))
-        new = torch.tensor([r + [eos_id] * (width - len(r)) for r in rows])
-        return torch.cat([idx, new], dim=1)
+def scripted_generate(enc, scripted, sampled):
+    """A stand-in for the project's sampler: for the i-th prompt it writes scripted[i] (one text
+    per sample), each ending where the real sampler would, after its stop token."""
+    def generate(model, prompts, max_new_tokens, *, k=1, stop_ids=(), **kw):
+        out = []
+        for _ in prompts:
+            texts = scripted.pop(0)
+            assert len(texts) == k
+            sampled.append(texts)
+            out += [enc.encode(t, allowed_special="all")[:max_new_tokens] for t in texts]
+        return out
+    return generate
 
 
-def test_build_pairs_pairs_best_with_worst_and_skips_ties(small_data):
+def test_build_pairs_pairs_best_with_worst_and_skips_ties(small_data, monkeypatch):
     _, enc = small_data
-    a, b, c = sft.make_examples(3, seed=8)
+    a, b, c = posttrain.make_examples(3, seed=8)
     end = "<|im_end|>"
     scripted = [
         ["12 13" + end, a.answer + end, "  " + a.answer + "  " + end, "no no no no" + end],  # mixed
         ["wrong" + end, "also wrong" + end, "x" + end, "y" + end],                           # all wrong
         [c.answer + end] * 4,                                                                 # all right
     ]
-    model = ScriptedModel(enc, scripted)
-    pairs, counts = dpo.build_pairs(model, enc, [a, b, c], k=4, temperature=1.0, max_new_tokens=32, thinking=False)
+    sampled = []
+    monkeypatch.setattr(dpo, "generate", scripted_generate(enc, scripted, sampled))
+    pairs, counts = dpo.build_pairs(tiny_model(), enc, [a, b, c], k=4, temperature=1.0, max_new_tokens=32,
+                                    thinking=False)
     assert counts == {"prompts": 3, "pairs": 1, "skipped": 2, "samples": 12, "correct": 6}
     (p,) = pairs
-    assert p.example == a and p.chosen in model.sampled[0] and p.rejected in model.sampled[0]
-    assert sft.check_answer(a, p.chosen) and not sft.check_answer(a, p.rejected)
+    assert p.example == a and p.chosen in sampled[0] and p.rejected in sampled[0]
+    assert posttrain.check_answer(a, p.chosen) and not posttrain.check_answer(a, p.rejected)
     assert p.chosen == a.answer + end  # ties broken by length: the shorter correct answer
     assert p.rejected == "no no no no" + end  # and the longest wrong one
     assert list(p.chosen_ids) == enc.encode(p.chosen, allowed_special="all")
@@ -286,25 +294,23 @@ def test_build_pairs_uses_the_models_own_samples(small_data, monkeypatch):
     _, enc = small_data
     model = tiny_model()
     outputs = []
-    generate = model.generate
+    real = dpo.generate
 
     def recording_generate(*args, **kwargs):
-        out = generate(*args, **kwargs)
+        out = real(*args, **kwargs)
         outputs.append(out)
         return out
 
-    model.generate = recording_generate
+    monkeypatch.setattr(dpo, "generate", recording_generate)
     monkeypatch.setattr(dpo, "check_answer", lambda ex, text: len(text) % 2 == 0)
-    examples = sft.make_examples(6, seed=9)
+    examples = posttrain.make_examples(6, seed=9)
     pairs, counts = dpo.build_pairs(model, enc, examples, k=4, temperature=1.0, max_new_tokens=6, thinking=True,
                                     seed=1)
     assert counts["pairs"] == len(pairs) > 0 and counts["pairs"] + counts["skipped"] == 6
+    (samples,) = outputs  # every question's k samples in one call of the sampler
     for p in pairs:
-        out = outputs[examples.index(p.example)]
-        rows = [r[len(p.prompt_ids):len(p.prompt_ids) + len(p.chosen_ids)] for r in out.tolist()]
-        assert list(p.chosen_ids) in rows
-        rows = [r[len(p.prompt_ids):len(p.prompt_ids) + len(p.rejected_ids)] for r in out.tolist()]
-        assert list(p.rejected_ids) in rows
+        mine = samples[4 * examples.index(p.example):4 * examples.index(p.example) + 4]
+        assert list(p.chosen_ids) in mine and list(p.rejected_ids) in mine
         assert len(p.chosen) % 2 == 0 and len(p.rejected) % 2 == 1
 
 
@@ -312,37 +318,33 @@ def test_build_pairs_uses_the_models_own_samples(small_data, monkeypatch):
 
 @pytest.fixture
 def sft_run(small_data, tmp_path):
-    """A run folder eval.load_model reads: an untrained tiny model saved the way sft.py saves."""
-    data_cfg, _ = small_data
-    model = tiny_model()
-    run = tmp_path / "tiny-sft"
-    run.mkdir()
-    sft.save_model(model, data_cfg, run / "ckpt_0000000.pt", {"step": 0})
-    return run
+    """A run folder checkpoint.load_model reads: an untrained tiny model saved as the stages save."""
+    return save_start(tiny_model(), small_data[0], tmp_path / "tiny-sft")
 
 
 @pytest.mark.parametrize("loss,device", [("dpo", "cpu"), ("apo_zero", "cpu"), ("orpo", "cpu"),
                                          pytest.param("apo_zero", "cuda", marks=pytest.mark.gpu)])
 def test_preference_train_learns_the_preference(sft_run, tmp_path, loss, device):
-    cfg = dpo.DPOConfig(init=str(sft_run), out_dir=str(tmp_path), name=f"dpo-{loss}", loss=loss, data="off_policy",
-                        prompts=16, pairs_per_step=4, epochs=5, lr=3e-3, warmup_steps=2, eval_examples=1,
-                        max_new_tokens=4, device=device)
+    cfg = dpo.load_config(None, [f"--run.init={sft_run}", f"--run.out_dir={tmp_path}", f"--run.name=dpo-{loss}",
+                                 f"--dpo.loss={loss}", "--dpo.pairs=off_policy", "--dpo.prompts=16",
+                                 "--dpo.pairs_per_step=4", "--dpo.epochs=5", "--optim.lr=3e-3", "--optim.warmup_steps=2",
+                                 "--dpo.eval_examples=1", "--run.eval_max_new_tokens=4", f"--run.device={device}"])
     report = dpo.preference_train(cfg, log=lambda *a: None)
-    rows = [json.loads(line) for line in (tmp_path / cfg.name / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / f"dpo-{loss}" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == report["steps"] == 20
     first, last = rows[:4], rows[-4:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     assert mean(last, "loss") < mean(first, "loss")
     assert mean(last, "margin") > mean(first, "margin")
     assert report["accuracy_before"].keys() == report["accuracy_after"].keys() == {
-        f"{t}/{m}" for t in sft.TASKS + ("format",) for m in ("think", "no_think")}
+        f"{t}/{m}" for t in posttrain.TASKS + ("format",) for m in ("think", "no_think")}
     # over all training pairs (not a noisy 4-pair batch), the saved model prefers the chosen
     # answers more than the start did, and on more pairs
-    trained, enc, _ = ev.load_model(str(tmp_path / cfg.name))
-    start, _, _ = ev.load_model(str(sft_run))
-    held_out = sft.held_out_examples(cfg.eval_examples)
-    questions = sft.make_examples(cfg.prompts, seed=cfg.seed + 2, exclude={e.question for e in held_out})
-    pairs, _ = dpo.preference_pairs(cfg, None, enc, questions, log=lambda *a: None)
+    trained, enc, _ = load_model(str(tmp_path / f"dpo-{loss}"))
+    start, _, _ = load_model(str(sft_run))
+    held_out = posttrain.held_out_examples(1)
+    questions = posttrain.make_examples(16, seed=0 + 2, exclude={e.question for e in held_out})
+    pairs, _ = dpo.preference_pairs(cfg["dpo"], None, enc, questions, 0, log=lambda *a: None)
     ids, targets = dpo.pair_batch(pairs, pad_id=0)
     n = len(pairs)
     with torch.no_grad():
@@ -353,5 +355,7 @@ def test_preference_train_learns_the_preference(sft_run, tmp_path, loss, device)
 
 
 def test_missing_init_folder_says_to_run_sft_first(tmp_path):
-    with pytest.raises(SystemExit, match="python sft.py"):
-        dpo.preference_train(dpo.DPOConfig(init=str(tmp_path / "no-such-run"), out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="python sft.py"):
+        dpo.preference_train(dpo.load_config(None, [f"--run.init={tmp_path / 'no-such-run'}",
+                                                    f"--run.out_dir={tmp_path}"]))
+    assert not (tmp_path / "tiny-dpo").exists()

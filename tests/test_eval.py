@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 import eval as ev
 import eval_tasks as et
+from checkpoint import CheckpointError, load_model
 from conftest import tiny_overrides
 from humaneval import humaneval_program, pass_at_k, run_program, run_programs
 from model import ModelConfig, Transformer
+from weights import save_hf
 
 
 class ByteTokenizer:
@@ -67,10 +69,29 @@ class OracleModel(torch.nn.Module):
                     logits[r, t, nxt] = 20.0
         return logits
 
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None):
-        for _ in range(max_new_tokens):
-            idx = torch.cat([idx, self(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return idx
+    def complete(self, prompts, max_new_tokens, k, stop_ids):
+        """Greedy, without a cache, cut after the first stop id."""
+        out = []
+        for p in prompts:
+            ids = list(p)
+            for _ in range(max_new_tokens):
+                ids.append(int(self(torch.tensor([ids]))[0, -1].argmax()))
+                if ids[-1] in stop_ids:
+                    break
+            out += [ids[len(p):]] * k
+        return out
+
+
+@pytest.fixture(autouse=True)
+def doubles_generate_themselves(monkeypatch):
+    """eval.py samples through generate.generate; the test doubles here answer for themselves."""
+    real = ev.generate
+
+    def generate(model, prompts, max_new_tokens, *, k=1, stop_ids=(), **kw):
+        if hasattr(model, "complete"):
+            return model.complete(prompts, max_new_tokens, k, stop_ids)
+        return real(model, prompts, max_new_tokens, k=k, stop_ids=stop_ids, **kw)
+    monkeypatch.setattr(ev, "generate", generate)
 
 
 def logprob_by_hand(table: torch.Tensor, text: str, continuation: str) -> float:
@@ -187,19 +208,17 @@ def test_a_model_that_prefers_the_gold_answer_scores_100_percent(small_data):
 
 
 class ScriptedModel(torch.nn.Module):
-    """generate() returns planted completions, one list per call, in order."""
+    """Completes with planted texts, one list per call, in order."""
 
     def __init__(self, script: list[list[str]]):
         super().__init__()
         self.script, self.calls = script, 0
 
-    def generate(self, idx, max_new_tokens, **kw):
+    def complete(self, prompts, max_new_tokens, k, stop_ids):
         texts = self.script[self.calls]
         self.calls += 1
-        assert len(texts) == idx.shape[0]
-        rows = [idx[0].tolist() + list(t.encode()) + [256] for t in texts]
-        width = max(map(len, rows))
-        return torch.tensor([r + [256] * (width - len(r)) for r in rows])
+        assert len(prompts) == 1 and len(texts) == k
+        return [list(t.encode()) + [256] for t in texts]
 
 
 def test_avg_at_k_and_exact_match_on_planted_samples():
@@ -504,7 +523,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, small_data):
             ev.load_task(str(tmp_path / name))
     assert "unknown task 'nope'" in _error_line(capsys, ["--model", str(tmp_path), "--task", "nope"])
     assert "is neither a run folder" in _error_line(capsys, ["--model", str(tmp_path), "--task", "prose_cloze"])
-    assert "unknown model 'missing.pt'" in _error_line(capsys, ["--model", "missing.pt", "--task", "prose_cloze"])
+    assert "model 'missing.pt' not found" in _error_line(capsys, ["--model", "missing.pt", "--task", "prose_cloze"])
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     assert "is not a checkpoint of this project" in _error_line(capsys, ["--model", str(tmp_path / "junk.pt"),
                                                                          "--task", "prose_cloze"])
@@ -522,9 +541,10 @@ def test_sharded_checkpoint_loads_like_a_single_file_one(small_data, tmp_path):
     cfg, _ = small_data
     for name, parallelism in (("plain", "ddp"), ("sharded", "fsdp")):
         train(load_config(None, tiny_overrides(cfg, tmp_path, name, **{"train.parallelism": parallelism})))
-    assert (tmp_path / "sharded" / "ckpt_0000006").is_dir() and (tmp_path / "plain" / "ckpt_0000006.pt").is_file()
-    plain, _, _ = ev.load_model(str(tmp_path / "plain"))
-    sharded, _, _ = ev.load_model(str(tmp_path / "sharded"))
+    assert (tmp_path / "sharded" / "ckpt_0000006" / ".metadata").is_file()  # torch.distributed.checkpoint's
+    assert (tmp_path / "plain" / "ckpt_0000006" / "state.pt").is_file()
+    plain, _, _ = load_model(str(tmp_path / "plain"))
+    sharded, _, _ = load_model(str(tmp_path / "sharded"))
     x = torch.randint(0, 512, (2, 16))
     torch.testing.assert_close(sharded(x), plain(x), atol=1e-5, rtol=1e-5)
 
@@ -533,15 +553,15 @@ def test_hf_folder_loads_with_the_same_logits(small_data, tmp_path):
     _, enc = small_data
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64))
-    model.save_hf(tmp_path / "hf", enc)  # with Hugging Face tokenizer files
-    loaded, loaded_enc, _ = ev.load_model(str(tmp_path / "hf"))
+    save_hf(model, tmp_path / "hf", enc)  # with Hugging Face tokenizer files
+    loaded, loaded_enc, _ = load_model(str(tmp_path / "hf"))
     x = torch.randint(0, 512, (1, 12))
     torch.testing.assert_close(loaded(x), model(x))
     text = "def add(a, b):\n    return a + b  # 12 + 30 = 42\n"
     assert loaded_enc.encode(text) == enc.encode(text)
     (tmp_path / "hf" / "tokenizer.json").unlink()
-    with pytest.raises(ev.EvalError, match="no tokenizer this code can read .* save_hf\\(out_dir, enc\\) writes one"):
-        ev.load_model(str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="no tokenizer this code can read .*save_hf\\(model, dir, enc\\) writes one"):
+        load_model(str(tmp_path / "hf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +585,7 @@ def test_training_logs_task_scores_and_eval_reads_the_run(small_data, tmp_path, 
     last = json.loads(out[-1])
     assert last["task"] == "prose_cloze" and last["n"] == 6
     assert last["acc"] == pytest.approx(logged[6]["eval/prose_cloze/acc"])
-    model, _, dcfg = ev.load_model(str(tmp_path / "evals" / "ckpt_0000006.pt"))
+    model, _, dcfg = load_model(str(tmp_path / "evals" / "ckpt_0000006"))
     assert dcfg.max_docs == cfg.max_docs and isinstance(model, Transformer)
 
     ev.main(["compare", str(tmp_path / "evals"), str(tmp_path / "evals"), "--out", str(tmp_path / "c.png")])
@@ -613,7 +633,7 @@ def test_mcf_prompt_is_the_lettered_layout():
         ev.mcf_prompt(ev.ChoiceItem("q", [str(i) for i in range(27)], 0))
 
 
-def test_a_prompt_longer_than_the_model_keeps_its_end():
+def test_a_prompt_longer_than_the_model_keeps_its_end(monkeypatch):
     """Generation fits the model's max_seq_len: a long prompt keeps its last tokens, next to the
     answer, whatever max_new_tokens is (and a request above half the context is cut, with a warning)."""
     torch.manual_seed(0)
@@ -621,15 +641,15 @@ def test_a_prompt_longer_than_the_model_keeps_its_end():
                                     max_seq_len=32)).eval()
     prompt = "x" * 100 + "the end"
     seen = []
-    real_generate = model.generate
+    real_generate = ev.generate
 
-    def spy(idx, max_new_tokens, **kw):
-        seen.append((idx.clone(), max_new_tokens))
-        return real_generate(idx, max_new_tokens, **kw)
-    model.generate = spy
+    def spy(model, prompts, max_new_tokens, **kw):
+        seen.append((prompts, max_new_tokens))
+        return real_generate(model, prompts, max_new_tokens, **kw)
+    monkeypatch.setattr(ev, "generate", spy)
     ev.sample_completions(model, ByteTokenizer(), prompt, max_new_tokens=4)
-    idx, n = seen[-1]
-    assert n == 4 and idx.shape[1] == 28 and bytes(idx[0, -7:].tolist()) == b"the end"
+    prompts, n = seen[-1]
+    assert n == 4 and len(prompts[0]) == 28 and bytes(prompts[0][-7:]) == b"the end"
     with pytest.warns(UserWarning, match="generating 16 tokens, not 40"):
         ev.sample_completions(model, ByteTokenizer(), prompt, max_new_tokens=40)
-    assert seen[-1][1] == 16 and seen[-1][0].shape[1] == 16
+    assert seen[-1][1] == 16 and len(seen[-1][0][0]) == 16

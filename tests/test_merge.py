@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-import eval as ev
 import merge
-import sft
+from checkpoint import load_model
 from conftest import ROOT, TEST_VOCAB
 from merge import MergeError, check_states, linear_merge, slerp, slerp_merge, task_arithmetic
 from model import ModelConfig, Transformer
+from test_dpo import save_start
 
 
 def tiny_model(seed: int = 0, **changes) -> Transformer:
@@ -117,24 +117,24 @@ def test_each_bad_input_stops_with_one_line():
 
 
 def save_run(path, model, data_cfg, chat: bool) -> str:
-    path.mkdir()
-    sft.save_model(model, data_cfg, path / "ckpt_0000000.pt", {"step": 0})
+    save_start(model, data_cfg, path)
     if chat:
         (path / "report.json").write_text(json.dumps({"accuracy_after": {}}))
     return str(path)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_cli_writes_a_folder_that_loads_as_the_in_memory_merge(small_data, tmp_path, monkeypatch, device):
+def test_cli_writes_a_folder_that_loads_as_the_in_memory_merge(small_data, tmp_path, monkeypatch, capsys, device):
     data_cfg, _ = small_data
     a = save_run(tmp_path / "a", tiny_model(0), data_cfg, chat=True)  # one chat model: all get chat scores
     b = save_run(tmp_path / "b", tiny_model(1), data_cfg, chat=False)
-    flags = ["--out-dir", str(tmp_path), "--eval-batches", "1", "--max-new-tokens", "4", "--device", device]
-    merge.main([a, b, "--weights", "0.75,0.25", "--name", "m", "--eval-examples", "1", *flags])
-    loaded = ev.load_model(str(tmp_path / "m"))[0]
+    flags = [f"--merge.out_dir={tmp_path}", "--merge.eval_batches=1", "--merge.max_new_tokens=4",
+             f"--merge.device={device}", f'--merge.runs=["{a}", "{b}"]']
+    merge.main(["--merge.weights=[0.75, 0.25]", "--merge.name=m", "--merge.eval_examples=1", *flags])
+    loaded = load_model(str(tmp_path / "m"))[0]
     with torch.no_grad():
         on_disk = loaded(torch.arange(48).view(2, 24) % TEST_VOCAB)
-    expected = linear_merge([ev.load_model(a)[0].state_dict(), ev.load_model(b)[0].state_dict()], [0.75, 0.25])
+    expected = linear_merge([load_model(a)[0].state_dict(), load_model(b)[0].state_dict()], [0.75, 0.25])
     if device == "cpu":
         assert torch.equal(on_disk, logits(expected))
     else:  # the GPU may fuse a*w + b*v into one rounding
@@ -144,15 +144,17 @@ def test_cli_writes_a_folder_that_loads_as_the_in_memory_merge(small_data, tmp_p
     for s in report["scores"].values():
         assert math.isfinite(s["val_loss"]) and math.isfinite(s["chat_loss"]) and "add/think" in s["accuracy"]
     assert not (tmp_path / "m.tmp").exists()
-    with pytest.raises(SystemExit, match="exists already"):
-        merge.main([a, b, "--name", "m", *flags])
+    with pytest.raises(SystemExit):
+        merge.main(["--merge.name=m", *flags])
+    assert "exists already" in capsys.readouterr().err
 
-    def broken_save(model, data_cfg, path, extra):  # a crash halfway through writing
-        path.write_bytes(b"half")
+    def broken_save(run_dir, step, model, optimizer, meta, keep=0):  # a crash halfway through writing
+        (run_dir / "ckpt_0000000.tmp").mkdir(parents=True)
+        (run_dir / "ckpt_0000000.tmp" / "state.pt").write_bytes(b"half")
         raise OSError("disk full")
-    monkeypatch.setattr(sft, "save_model", broken_save)
+    monkeypatch.setattr(merge, "save_checkpoint", broken_save)
     with pytest.raises(OSError):
-        merge.main([a, b, "--name", "crashed", "--eval-examples", "0", *flags])
+        merge.main(["--merge.name=crashed", "--merge.eval_examples=0", *flags])
     assert not (tmp_path / "crashed").exists() and not (tmp_path / "crashed.tmp").exists()
 
 
@@ -162,9 +164,10 @@ def test_cli_refuses_other_configs_and_missing_runs_in_one_line(small_data, tmp_
     other = save_run(tmp_path / "other", tiny_model(1, rope_base=500_000.0), data_cfg, chat=False)  # same shapes
     with pytest.raises(MergeError, match="model.rope_base is 500000.0 there, 10000.0"):
         merge.merge_runs([a, other], out_dir=str(tmp_path), name="x")
-    with pytest.raises(SystemExit, match="make it first: python sft.py --name nothing"):
+    with pytest.raises(MergeError, match="cannot load .*nothing.*; make it first with sft.py"):
         merge.merge_runs([a, str(tmp_path / "nothing")], out_dir=str(tmp_path), name="x")
-    out = subprocess.run([sys.executable, str(ROOT / "merge.py"), a, other, "--weights", "0.9,0.2", "--name", "x",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "sum to 1.1" in out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "merge.py"), f'--merge.runs=["{a}", "{other}"]',
+                          "--merge.weights=[0.9, 0.2]", "--merge.name=x", f"--merge.out_dir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "sum to 1.1" in out.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()

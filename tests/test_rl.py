@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-import eval as ev
+import posttrain
 import rl
-import sft
+from checkpoint import load_model
 from conftest import TEST_VOCAB
 from model import ModelConfig, Transformer
+from test_dpo import save_start
 
 # ---- a toy verifiable task: prompt [BOS, d]; reward pays for the digit d in the completion ------
 
@@ -189,7 +190,7 @@ def test_at_ratio_1_the_gradient_is_the_plain_policy_gradient(aggregation):
 
     def grads(loss_fn):
         model.zero_grad()
-        loss_fn(rl.token_logps(model, ids, targets)).backward()
+        loss_fn(model(ids, targets, logprobs=True)).backward()
         return [p.grad.clone() for p in model.parameters()]
 
     surrogate = grads(lambda lp: rl.clipped_surrogate_loss(lp, lp.detach(), adv, mask, aggregation=aggregation,
@@ -253,7 +254,7 @@ def test_token_logps_score_the_completion_at_the_sampling_temperature():
     model = toy_model(seed=3).eval()
     rollouts = rl.sample_groups(model, [[BOS, 4]], 3, 1.5, 5, END, PAD, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logps = rl.token_logps(model, rollouts.ids, rollouts.targets, temperature=1.5)
+        logps = model(rollouts.ids, rollouts.targets, logprobs=True, temperature=1.5)
         for k, completion in enumerate(rollouts.completions):
             seq, expected = [BOS, 4], []
             for tok in completion:  # token by token from its own prefix, no batch, no padding
@@ -264,7 +265,7 @@ def test_token_logps_score_the_completion_at_the_sampling_temperature():
 
 
 def test_task_rewards_verify_answers_and_optionally_the_format():
-    a, b = sft.make_examples(2, seed=11)
+    a, b = posttrain.make_examples(2, seed=11)
     texts = [a.answer + "<|im_end|>", "<think>\nsteps\n</think>\n" + b.answer + "<|im_end|>", "nope<|im_end|>"]
     reward, correct = rl.task_rewards([a, b, b], texts, thinking=True)
     assert correct.tolist() == reward.tolist() == [1.0, 1.0, 0.0]
@@ -277,13 +278,13 @@ def test_task_rewards_verify_answers_and_optionally_the_format():
 
 
 def test_partial_credit_counts_answer_words_in_place_and_is_1_only_when_exact():
-    ex = sft.Example("sort", "Sort ascending: 84 7 51 20", "", "7 20 51 84")
+    ex = posttrain.Example("sort", "Sort ascending: 84 7 51 20", "", "7 20 51 84")
     cases = {"7 20 51 84<|im_end|>": 1.0, "<think>\nx\n</think>\n7  20 51 84": 1.0, "7 20 84 51<|im_end|>": 2 / 4,
              "7 20 51 84 99<|im_end|>": 4 / 5, "20 51 84<|im_end|>": 0.0, "7<|im_end|> 20 51 84": 1 / 4,
              "<|im_end|>": 0.0}
     for text, credit in cases.items():
         assert rl.partial_credit(ex, text) == pytest.approx(credit), text
-        assert (rl.partial_credit(ex, text) == 1.0) == sft.check_answer(ex, text)
+        assert (rl.partial_credit(ex, text) == 1.0) == posttrain.check_answer(ex, text)
     reward, correct = rl.task_rewards([ex] * 2, ["7 20 84 51<|im_end|>", "7 20 51 84<|im_end|>"], False, "partial")
     assert reward.tolist() == [0.5, 1.0] and correct.tolist() == [0.0, 1.0]
 
@@ -325,7 +326,7 @@ def test_overlong_filtering_trains_as_if_the_truncated_completions_were_not_ther
     def updated(batch, adv, overlong_filter):
         m = toy_model(seed=3)
         rl.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.1), batch, adv,
-                         rl.RLConfig(overlong_filter=overlong_filter, updates_per_batch=1, grad_clip=0.0))
+                         rl.RLConfig(overlong_filter=overlong_filter, updates_per_batch=1), grad_clip=0.0)
         return [p.detach() for p in m.parameters()]
 
     filtered, reference, unfiltered = (updated(rollouts, advantages, True), updated(without, advantages[kept], False),
@@ -348,30 +349,29 @@ def test_policy_update_skips_a_batch_with_nothing_to_learn():
 # ---- 6. the run: config checks, CLI, and a short run from an sft.py-style folder ----------------------
 
 @pytest.mark.parametrize("override,message", [
-    ({"tasks": "add,mul"}, "--tasks 'add,mul'"), ({"reward": "fuzzy"}, "--reward 'fuzzy'"),
-    ({"mode": "both"}, "--mode 'both'"),
-    ({"aggregation": "batch"}, "--aggregation 'batch'"), ({"group_size": 1}, "--group-size 1 must be >= 2"),
-    ({"overlong_buffer": 40}, r"--overlong-buffer 40 must be in \[0, --max-new-tokens=32\]"),
-    ({"eps_low": 1.0}, "--eps-low 1.0 must be in"), ({"lr": 0.0}, "--lr 0.0 must be > 0"),
-    ({"steps": 0}, "--steps 0 must be >= 1"), ({"kl_beta": -1.0}, "--kl-beta"),
+    ("rl.tasks='add,mul'", "rl.tasks='add,mul'"), ("rl.reward='fuzzy'", "rl.reward='fuzzy'"),
+    ("rl.mode='both'", "rl.mode='both'"),
+    ("rl.aggregation='batch'", "rl.aggregation='batch'"), ("rl.group_size=1", "rl.group_size=1 must be >= 2"),
+    ("rl.overlong_buffer=40", r"rl.overlong_buffer=40 must be in \[0, rl.max_new_tokens=32\]"),
+    ("rl.eps_low=1.0", "rl.eps_low=1.0 must be in"), ("optim.lr=0.0", "lr > 0"),
+    ("rl.steps=0", "rl.steps=0 must be >= 1"), ("rl.kl_beta=-1.0", "rl.kl_beta"),
+    ("rl.verifier='regex'", "rl.verifier='regex': choose from string, number, choice"),
 ])
 def test_bad_config_values_name_the_setting(override, message):
-    with pytest.raises(ValueError, match=message):
-        rl.check_config(rl.RLConfig(**override))
     with pytest.raises(ValueError, match=message):  # before any model is loaded
-        rl.rl_train(rl.RLConfig(init="/nonexistent", **override))
+        rl.load_config(None, ["--run.init=/nonexistent", f"--{override}"])
 
 
 def test_cli_parses_into_the_config():
-    cfg = sft.parse_args(["--group-size", "4", "--scale-by-std", "false", "--aggregation", "sequence",
-                          "--kl-beta", "0.04"], rl.RLConfig)
-    assert (cfg.group_size, cfg.scale_by_std, cfg.aggregation, cfg.kl_beta, cfg.init) == \
-        (4, False, "sequence", 0.04, "runs/tiny-sft")
+    cfg = rl.load_config(None, ["--rl.group_size=4", "--rl.scale_by_std=false", "--rl.aggregation=sequence",
+                                "--rl.kl_beta=0.04"])
+    assert (cfg["rl"].group_size, cfg["rl"].scale_by_std, cfg["rl"].aggregation, cfg["rl"].kl_beta,
+            cfg["run"].init) == (4, False, "sequence", 0.04, "runs/tiny-sft")
 
 
 def test_missing_init_folder_says_to_run_sft_first(tmp_path):
-    with pytest.raises(SystemExit, match="python sft.py"):
-        rl.rl_train(rl.RLConfig(init=str(tmp_path / "no-such-run"), out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="python sft.py"):
+        rl.rl_train(rl.load_config(None, [f"--run.init={tmp_path / 'no-such-run'}", f"--run.out_dir={tmp_path}"]))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -380,11 +380,11 @@ def test_rl_train_runs_from_an_sft_folder_and_reports(small_data, tmp_path, devi
     torch.manual_seed(0)
     start = Transformer(ModelConfig(vocab_size=TEST_VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                     d_ff=128, max_seq_len=256))
-    (tmp_path / "tiny-sft").mkdir()
-    sft.save_model(start, data_cfg, tmp_path / "tiny-sft" / "ckpt_0000000.pt", {"step": 0})
-    cfg = rl.RLConfig(init=str(tmp_path / "tiny-sft"), out_dir=str(tmp_path), prompts=4, prompts_per_step=2,
-                      group_size=3, steps=2, max_new_tokens=8, overlong_buffer=4, kl_beta=0.1, eval_examples=1,
-                      eval_max_new_tokens=4, device=device)
+    save_start(start, data_cfg, tmp_path / "tiny-sft")
+    cfg = rl.load_config(None, [f"--run.init={tmp_path / 'tiny-sft'}", f"--run.out_dir={tmp_path}", "--rl.prompts=4",
+                                "--rl.prompts_per_step=2", "--rl.group_size=3", "--rl.steps=2", "--rl.max_new_tokens=8",
+                                "--rl.overlong_buffer=4", "--rl.kl_beta=0.1", "--rl.eval_examples=1",
+                                "--run.eval_max_new_tokens=4", f"--run.device={device}"])
     report = rl.rl_train(cfg, log=lambda *a: None)
     rows = [json.loads(line) for line in (tmp_path / "tiny-rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -392,9 +392,9 @@ def test_rl_train_runs_from_an_sft_folder_and_reports(small_data, tmp_path, devi
         assert {"reward", "accuracy", "length", "overlong", "truncated", "flat_groups", "loss", "kl"} <= r.keys()
         assert 1 <= r["length"] <= 8 and 0 <= r["overlong"] <= 1
     assert report["accuracy_before"].keys() == report["accuracy_after"].keys() == {
-        f"{t}/{m}" for t in sft.TASKS + ("format",) for m in ("think", "no_think")}
+        f"{t}/{m}" for t in posttrain.TASKS + ("format",) for m in ("think", "no_think")}
     assert "reward" in rl.format_report(report)
-    trained, _, _ = ev.load_model(str(tmp_path / "tiny-rl"))  # the checkpoint reads back
+    trained, _, _ = load_model(str(tmp_path / "tiny-rl"))  # the checkpoint reads back
     assert trained.cfg == start.cfg
 
 
@@ -407,24 +407,25 @@ def test_dynamic_sampling_trains_only_on_informative_groups(small_data, tmp_path
     torch.manual_seed(0)
     start = Transformer(ModelConfig(vocab_size=TEST_VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                     d_ff=128, max_seq_len=256))
-    (tmp_path / "tiny-sft").mkdir()
-    sft.save_model(start, data_cfg, tmp_path / "tiny-sft" / "ckpt_0000000.pt", {"step": 0})
+    save_start(start, data_cfg, tmp_path / "tiny-sft")
 
     def pays(completions: list[list[int]]) -> torch.Tensor:
         return torch.tensor([float(bool(c) and c[0] % 5 == 0) for c in completions])
     monkeypatch.setattr(rl, "score", lambda rollouts, examples, enc, cfg: (pays(rollouts.completions),) * 2)
     trained_on = []
     real_update = rl.policy_update
-    monkeypatch.setattr(rl, "policy_update", lambda model, opt, rollouts, adv, cfg, ref=None: (
-        trained_on.append(rollouts.completions), real_update(model, opt, rollouts, adv, cfg, ref))[1])
+    monkeypatch.setattr(rl, "policy_update", lambda model, opt, rollouts, adv, cfg, *rest: (
+        trained_on.append(rollouts.completions), real_update(model, opt, rollouts, adv, cfg, *rest))[1])
     flat_groups = {}
     for rounds in (0, 4):
         trained_on.clear()
-        cfg = rl.RLConfig(init=str(tmp_path / "tiny-sft"), out_dir=str(tmp_path), name=f"dyn{rounds}", prompts=40,
-                          prompts_per_step=4, group_size=3, steps=3, max_new_tokens=4, overlong_buffer=0,
-                          dynamic_sampling=rounds, eval_examples=1, eval_max_new_tokens=2, device="cpu")
+        cfg = rl.load_config(None, [f"--run.init={tmp_path / 'tiny-sft'}", f"--run.out_dir={tmp_path}",
+                                    f"--run.name=dyn{rounds}", "--rl.prompts=40", "--rl.prompts_per_step=4",
+                                    "--rl.group_size=3", "--rl.steps=3", "--rl.max_new_tokens=4", "--rl.overlong_buffer=0",
+                                    f"--rl.dynamic_sampling={rounds}", "--rl.eval_examples=1",
+                                    "--run.eval_max_new_tokens=2", "--run.device=cpu"])
         rl.rl_train(cfg, log=lambda *a: None)
-        rows = [json.loads(line) for line in (tmp_path / cfg.name / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / f"dyn{rounds}" / "metrics.jsonl").read_text().splitlines()]
         assert len(trained_on) == 3 and all(len(c) == 4 * 3 for c in trained_on)
         flat_groups[rounds] = sum(int((~rl.informative(pays(c), 3)).sum()) for c in trained_on)
         if rounds:

