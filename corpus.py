@@ -167,14 +167,15 @@ def input_format(path: Path) -> str | None:
 
 def expand_inputs(specs: list[str | os.PathLike]) -> list[Path]:
     """Files, folders (every file of a known format under it, hidden ones excluded, sorted) and
-    glob patterns, in the order given, each file once. A spec that names nothing stops here."""
+    glob patterns (the files of a known format they match, sorted), in the order given, each file
+    once. A spec that names nothing readable stops here, as does a named file of unknown format."""
     files: dict[Path, None] = {}
     for spec in map(str, specs):
         if any(c in spec for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            found = sorted(p for p in map(Path, glob.glob(spec, recursive=True)) if p.is_file() and input_format(p))
             if not found:
-                raise FileNotFoundError(f"{spec}: no file matches this pattern; check it (quote it so the shell "
-                                        f"does not expand it first)")
+                raise FileNotFoundError(f"{spec}: no {', '.join(INPUT_SUFFIXES)} file matches this pattern; check it "
+                                        f"(and quote it, so that the shell does not expand it first)")
         elif Path(spec).is_dir():
             found = sorted(p for p in Path(spec).rglob("*") if p.is_file() and input_format(p)
                            and not any(part.startswith(".") for part in p.relative_to(spec).parts))

@@ -689,7 +689,8 @@ class MixtureLoader:
 def main() -> None:
     p = argparse.ArgumentParser(description="Prepare the default corpus, or tokenize your own files into a source "
                                             "(resumable: rerun the same command after an interruption).")
-    p.add_argument("--vocab-size", type=int, default=4096, help="the tokenizer in data_cache/vocab<V>/ (its model.vocab_size)")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="use the tokenizer in data_cache/vocab<V>/ (the run's model.vocab_size)")
     p.add_argument("--tokenizer", default="", help="a tokenizer file to use instead (data.tokenizer): this project's, "
                                                    "or a Hugging Face byte-level BPE tokenizer.json")
     p.add_argument("--dir", default=DataConfig.dir)
@@ -698,7 +699,8 @@ def main() -> None:
                    help="files, folders or globs of .txt/.md (one document each), .jsonl, .jsonl.gz, .jsonl.zst "
                         "(one per line) and .parquet (one per row, e.g. a FineWeb-Edu folder)")
     p.add_argument("--text-field", default="text", help="the JSON field or parquet column that holds the text")
-    p.add_argument("--skip-bad", action="store_true", help="count and skip bad lines, rows and files instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count and skip bad lines, rows and files instead of stopping")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicates (same text up to case and whitespace)")
     p.add_argument("--workers", type=int, default=DataConfig.num_workers, help="tokenizing processes (0: one per core)")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file (and resume point)")
@@ -732,7 +734,8 @@ def main() -> None:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)
-    vocab = f"--data.tokenizer={tok_path} --model.vocab_size=..." if args.tokenizer else f"--model.vocab_size={args.vocab_size}"
+    vocab = (f"--data.tokenizer={tok_path} --model.vocab_size=..." if args.tokenizer
+             else f"--model.vocab_size={args.vocab_size}")
     print(f"shards in {out}; train on them with --data.weights='{{ {args.source} = 1.0 }}' {vocab}"
           f"{f' --data.seed={args.seed}' if args.seed != DataConfig.seed else ''}"
           f"{f' --data.val_fraction={args.val_fraction:g}' if args.val_fraction != DataConfig.val_fraction else ''}")

@@ -396,7 +396,7 @@ def test_sigkill_in_the_middle_then_rerun_gives_the_same_shards(own_corpus, tmp_
     out_dir = DataConfig(dir=str(tmp_path)).shard_dir(512)
     args = [sys.executable, str(ROOT / "data.py"), "--dir", str(tmp_path), "--vocab-size", "512", "--source", "web",
             "--files", str(folder), "--shard-tokens", "40000"]
-    proc = subprocess.Popen(args + ["--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(args + ["--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     deadline = time.time() + 120
     while not (ingest_state(out_dir, "web") or {}).get("shards", {}).get("train") and time.time() < deadline:
@@ -507,7 +507,8 @@ def test_each_bad_input_stops_with_one_line_naming_file_and_fix(small_data, tmp_
     cases = {
         tmp_path / "missing.jsonl": "missing.jsonl: no such file or folder; check the path",
         tmp_path / "empty": "empty: folder holds no .txt, .md, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files",
-        tmp_path / "nomatch*.parquet": r"nomatch\*.parquet: no file matches this pattern",
+        tmp_path / "nomatch*.parquet": r"nomatch\*.parquet: no .txt, .md, .jsonl, .jsonl.gz, .jsonl.zst, .parquet file "
+                                        "matches this pattern",
         tmp_path / "bad.parquet": "bad.parquet: not a readable parquet file .*download it again or remove it, or "
                                   "pass --skip-bad",
         tmp_path / "nofield.jsonl": "nofield.jsonl:3: expected a JSON object with a string field 'text' .*"
@@ -516,11 +517,13 @@ def test_each_bad_input_stops_with_one_line_naming_file_and_fix(small_data, tmp_
         tmp_path / "table.csv": r"table.csv: unknown format; --files reads .*\(rename a plain text file to .txt\)",
     }
     for path, message in cases.items():
-        assert re.match(f"error: {re.escape(str(tmp_path))}/{message}", run_main(monkeypatch, capsys, *base, path)), path
+        line = run_main(monkeypatch, capsys, *base, path)
+        assert re.match(f"error: {re.escape(str(tmp_path))}/{message}", line), line
     monkeypatch.setitem(sys.modules, "zstandard", None)  # as if it were not installed
     (tmp_path / "x.jsonl.zst").write_bytes(b"")
     assert run_main(monkeypatch, capsys, *base, tmp_path / "x.jsonl.zst") == \
-        f"error: {tmp_path / 'x.jsonl.zst'}: reading .jsonl.zst files needs the zstandard package: pip install zstandard"
+        f"error: {tmp_path / 'x.jsonl.zst'}: reading .jsonl.zst files needs the zstandard package: " \
+        f"pip install zstandard"
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     assert run_main(monkeypatch, capsys, *base, tmp_path / "bad.parquet").endswith(
         "reading .parquet files needs the pyarrow package: pip install pyarrow")
@@ -535,7 +538,8 @@ def test_parquet_with_another_column_and_null_rows(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"content": ["a", None, "c", "d"]}), tmp_path / "t.parquet", row_group_size=2)
     files = corpus.expand_inputs([tmp_path])
-    with pytest.raises(ValueError, match=r"t.parquet: no column 'text' \(columns: content\); choose one with --text-field"):
+    with pytest.raises(ValueError, match=r"t.parquet: no column 'text' \(columns: content\); choose one with "
+                                         r"--text-field"):
         list(corpus.read_records(files))
     with pytest.raises(ValueError, match="t.parquet: row 2 of column 'content' is null or not UTF-8 text"):
         list(corpus.read_records(files, "content"))
