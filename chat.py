@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="compile the decode step (on GPU: a minute "
                                                                "before the first answer, faster after)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        parser.error("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     try:
         model, enc, _ = load_model(args.model or f"gguf:{smollm2_gguf_path()}", args.device)
     except (CheckpointError, ImportError, OSError, ValueError, KeyError) as e:
