@@ -9,6 +9,7 @@ the MFU that train.py logs, sitting next to the model it measures, as in nanoGPT
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -506,12 +507,27 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, seen by both
         self.activation_checkpointing = False  # set by train.py; recompute blocks in backward
-        original_len = cfg.yarn_original_seq_len or round(cfg.max_seq_len / cfg.yarn_factor)
-        cos, sin = rope_frequencies(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_base, fraction=cfg.rope_fraction,
-                                    yarn_factor=cfg.yarn_factor, yarn_original_len=original_len)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        original_len = cfg.yarn_original_seq_len or round(cfg.max_seq_len / cfg.yarn_factor)
+        return rope_frequencies(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_base, fraction=cfg.rope_fraction,
+                                yarn_factor=cfg.yarn_factor, yarn_original_len=original_len)
+
+    def set_rope(self, rope_base: float, yarn_factor: float = 1.0, yarn_original_seq_len: int = 0) -> None:
+        """A new RoPE base (ABF) and YaRN scaling for the same weights, in place: the long-context
+        stage of a run (train.stage_settings; SmolLM3: base 50k -> 2M at 32k tokens, 5M at 64k)."""
+        if self.cfg.dca_chunk_size:
+            raise ValueError("a new RoPE base with Dual Chunk Attention is not supported (its chunk tables keep the old one)")
+        self.cfg = dataclasses.replace(self.cfg, rope_base=rope_base, yarn_factor=yarn_factor,
+                                       yarn_original_seq_len=yarn_original_seq_len)
+        cos, sin = self._rope_tables()
+        self.rope_cos.copy_(cos)  # in place: compiled graphs read the buffers, their shapes stay
+        self.rope_sin.copy_(sin)
 
     def reset_parameters(self) -> None:
         """Truncated normal (+-3 std) for every matrix and the embedding; norms at 1."""

@@ -18,6 +18,7 @@ ends with the final validation loss and a text sample.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -85,6 +86,10 @@ class TrainConfig:
     spike_window: int = 128          # the mean of the last spike_window steps (OLMo-core: 6 and 128); sigma 0 = off
     eval_tasks: tuple[str, ...] = ()  # eval.py tasks scored every eval_interval steps (eval/<task>/<metric>)
     eval_task_items: int = 100       # a seeded sample of this many items per task
+    stage_settings: tuple[dict[str, float], ...] = ()  # per later data stage (data.stage_starts), what changes from
+                                     # its start on: seq_len, micro_batch_size, rope_base, yarn_factor,
+                                     # yarn_original_seq_len, warmup_steps (a fresh warmup); each stage keeps the
+                                     # previous one's other settings. {} changes nothing but the mixture
 
     def __post_init__(self):
         for k in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval",
@@ -118,6 +123,10 @@ class TrainConfig:
         if self.global_batch_size and self.grad_accum_steps != 1:
             raise ValueError("set train.global_batch_size or train.grad_accum_steps, not both: with a global "
                              "batch size the accumulation follows from the number of processes")
+        for k, changes in enumerate(self.stage_settings):
+            unknown = set(changes) - set(STAGE_KEYS)
+            if unknown or any(v < 0 for v in changes.values()):
+                raise ValueError(f"train.stage_settings[{k}]={changes}: keys from {STAGE_KEYS}, values >= 0")
         if self.eval_tasks and self.parallelism == "fsdp":
             raise ValueError("train.eval_tasks scores on rank 0 alone, which FSDP's sharded weights do not allow; "
                              "score the checkpoints with eval.py instead")
@@ -148,6 +157,43 @@ def check_config(cfg: dict) -> None:
     if cfg["train"].seq_len > cfg["model"].max_seq_len:
         raise ConfigError(f"train.seq_len={cfg['train'].seq_len} is longer than model.max_seq_len="
                           f"{cfg['model'].max_seq_len}; lower the first or raise the second")
+    settings = cfg["train"].stage_settings
+    if settings and len(settings) != len(cfg["data"].stage_starts):
+        raise ConfigError(f"train.stage_settings has {len(settings)} entries and data.stage_starts "
+                          f"{len(cfg['data'].stage_starts)}: give one per later stage ({{}} for none)")
+    for k in range(1, len(settings) + 1):
+        stage = stage_settings(cfg, k)
+        if stage["seq_len"] > cfg["model"].max_seq_len:
+            raise ConfigError(f"train.stage_settings[{k - 1}]: seq_len {stage['seq_len']} is longer than "
+                              f"model.max_seq_len={cfg['model'].max_seq_len}; raise it to the longest stage's length")
+        if stage["seq_len"] != cfg["train"].seq_len and cfg["train"].batch_ramp_tokens:
+            raise ConfigError("a stage that changes seq_len cannot be combined with a batch ramp (the ramp counts "
+                              "tokens of one sequence length)")
+        if stage["micro_batch_size"] < 1 or stage["seq_len"] < 1:
+            raise ConfigError(f"train.stage_settings[{k - 1}]: seq_len and micro_batch_size must be >= 1")
+        stage_model_config(cfg["model"], stage)  # the model's own checks (YaRN with MLA, ...)
+
+
+# What a later data stage may change (train.stage_settings), and the settings of each stage.
+STAGE_KEYS = ("seq_len", "micro_batch_size", "rope_base", "yarn_factor", "yarn_original_seq_len", "warmup_steps")
+
+
+def stage_settings(cfg: dict, stage: int) -> dict:
+    """The settings in force during data stage `stage` (0: the config's own); each later stage
+    changes what its train.stage_settings entry names and keeps the rest of the stage before it.
+    warmup_steps is the fresh warmup from the stage's start (0: none)."""
+    tcfg, mcfg = cfg["train"], cfg["model"]
+    settings = {"seq_len": tcfg.seq_len, "micro_batch_size": tcfg.micro_batch_size, "rope_base": mcfg.rope_base,
+                "yarn_factor": mcfg.yarn_factor, "yarn_original_seq_len": mcfg.yarn_original_seq_len, "warmup_steps": 0}
+    for changes in tcfg.stage_settings[:stage]:
+        settings.update(changes, warmup_steps=changes.get("warmup_steps", 0))
+    return {k: int(v) if k in ("seq_len", "micro_batch_size", "yarn_original_seq_len", "warmup_steps") else float(v)
+            for k, v in settings.items()}
+
+
+def stage_model_config(mcfg: ModelConfig, settings: dict) -> ModelConfig:
+    return dataclasses.replace(mcfg, rope_base=settings["rope_base"], yarn_factor=settings["yarn_factor"],
+                               yarn_original_seq_len=settings["yarn_original_seq_len"])
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> dict:
@@ -373,7 +419,15 @@ def choose_attention_kernel(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.
     return f"PyTorch's choice, not FlashAttention-4: {why_not}" if why_not else "FlashAttention-4"
 
 
-def build_data(cfg: dict, schedule: Schedule, resume_position: float, rank: int, world: int, log):
+def train_loader(cfg: dict, enc: tiktoken.Encoding, seq_len: int, weights: dict[str, float], rank: int,
+                 world: int) -> MixtureLoader:
+    """This rank's share of the training windows of seq_len + 1 tokens, every source a stage uses."""
+    mcfg, dcfg = cfg["model"], cfg["data"]
+    return MixtureLoader(dcfg.shard_dir(mcfg.vocab_size), weights, "train", seq_len, dcfg.seed, eot_id(enc), rank,
+                         world, tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size)), sources=dcfg.sources())
+
+
+def build_data(cfg: dict, weights: dict[str, float], seq_len: int, rank: int, world: int, log):
     """(tokenizer, train loader, validation loader, task evaluations or None). Rank 0 builds the
     tokenizer and shards while the others wait, so a missing or broken corpus stops before the model."""
     mcfg, dcfg, tcfg = cfg["model"], cfg["data"], cfg["train"]
@@ -384,13 +438,11 @@ def build_data(cfg: dict, schedule: Schedule, resume_position: float, rank: int,
             dist.barrier()
         if rank != 0:
             enc = prepare_data(dcfg, mcfg.vocab_size, log)
-        fingerprint = tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size))
-        shard_dir = dcfg.shard_dir(mcfg.vocab_size)
-        loader = MixtureLoader(shard_dir, dcfg.weights_at(resume_position / schedule.max_steps), "train",
-                               tcfg.seq_len, dcfg.seed, eot_id(enc), rank, world, fingerprint, sources=dcfg.sources())
-        # every rank walks the whole validation sequence; evaluate() deals its batches out
-        val_loader = MixtureLoader(shard_dir, dcfg.weights, "val", tcfg.seq_len, dcfg.seed, eot_id(enc),
-                                   fingerprint=fingerprint)
+        loader = train_loader(cfg, enc, seq_len, weights, rank, world)
+        # every rank walks the whole validation sequence at the first stage's length (one curve for the
+        # whole run); evaluate() deals its batches out
+        val_loader = MixtureLoader(dcfg.shard_dir(mcfg.vocab_size), dcfg.weights, "val", tcfg.seq_len, dcfg.seed,
+                                   eot_id(enc), fingerprint=tokenizer_fingerprint(dcfg.tokenizer_path(mcfg.vocab_size)))
         task_evals = evals.TrainingEvals(tcfg.eval_tasks, dcfg, enc, tcfg.eval_task_items) \
             if rank == 0 and tcfg.eval_tasks else None
     except (ValueError, RuntimeError) as e:  # empty corpus, truncated shard, stale tokenizer...
@@ -416,6 +468,7 @@ class Run:
     cfg: dict
     run_dir: Path
     device: torch.device
+    rank: int
     world: int
     master: bool
     log: object
@@ -431,6 +484,8 @@ class Run:
     spikes: SpikeSkipper | None
     metrics: object                     # metrics.jsonl on rank 0, else None
     lock: RunLock | None
+    stage: int                          # the data stage in force (data.stage_starts)
+    settings: dict                      # its settings: seq_len, micro_batch_size, RoPE, warmup (stage_settings)
 
     def record(self, row: dict) -> None:
         if self.metrics:
@@ -468,15 +523,18 @@ def start_run(cfg: dict) -> tuple[Run, int, int]:
             saved = load_meta(ckpts[-1])
             check_resumable(saved["config"], cfg, ckpts[-1])
         resume_position = schedule.position(saved["step"], saved["tokens"]) if saved else 0
-        enc, loader, val_loader, task_evals = build_data(cfg, schedule, resume_position, rank, world, log)
-        model = build_model(mcfg, tcfg, rank, device)
+        stage = cfg["data"].stage_at(resume_position / tcfg.max_steps)
+        settings = stage_settings(cfg, stage)
+        enc, loader, val_loader, task_evals = build_data(cfg, cfg["data"].weights_at(resume_position / tcfg.max_steps),
+                                                         settings["seq_len"], rank, world, log)
+        model = build_model(stage_model_config(mcfg, settings), tcfg, rank, device)
         compiled = tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda")
         train_model, autocast = parallelize(model, tcfg.parallelism, compute_dtype(tcfg.dtype, device), device,
                                             compiled, world)
         optimizer = build_optimizer(model, ocfg)  # no weight decay on embeddings and norms (optim.param_groups)
         spikes = SpikeSkipper(tcfg.spike_sigma, tcfg.spike_window) if tcfg.spike_sigma else None
-        run = Run(cfg, run_dir, device, world, master, log, schedule, enc, loader, val_loader, task_evals, model,
-                  train_model, autocast, optimizer, spikes, None, lock)
+        run = Run(cfg, run_dir, device, rank, world, master, log, schedule, enc, loader, val_loader, task_evals, model,
+                  train_model, autocast, optimizer, spikes, None, lock, stage, settings)
         step, tokens = resume(run, ckpts[-1], saved) if saved else (0, 0)
         if master:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -504,7 +562,7 @@ def resume(run: Run, path: Path, saved: dict) -> tuple[int, int]:
     if new_stage:  # a curriculum stage, or an annealing run: resume a mid checkpoint with a new mix
         run.log(f"the mixture differs from the checkpoint's: a new mixture stage starts at sample "
                 f"{run.loader.samples:,}")
-    if saved["config"]["train"]["seq_len"] != tcfg.seq_len:
+    if saved["config"]["train"]["seq_len"] != tcfg.seq_len and not tcfg.stage_settings:
         run.log(f"train.seq_len {saved['config']['train']['seq_len']} -> {tcfg.seq_len}: windows are cut anew, "
                 f"each source continues at the same position of its new window order")
     if run.spikes and saved.get("spikes") and not new_stage:  # a new mixture has losses of its own
@@ -536,8 +594,10 @@ def describe_run(run: Run, attention_kernel: str) -> None:
             f"before warmup ends at {ocfg.warmup_steps}: the learning rate jumps when warmup hands over")
     log(f"data: {', '.join(f'{n} {w:.2f}' for n, w in zip(run.loader.names, run.loader.weights))}; "
         f"{sum(src.n_tokens for src in run.loader.sources):,} train tokens")
-    for start, weights in zip(dcfg.stage_starts, dcfg.stage_weights):
-        log(f"data stage from {start:.0%} of the run: {', '.join(f'{n} {w:g}' for n, w in weights.items())}")
+    for k, (start, weights) in enumerate(zip(dcfg.stage_starts, dcfg.stage_weights)):
+        changes = tcfg.stage_settings[k] if tcfg.stage_settings else {}
+        log(f"data stage from {start:.0%} of the run: {', '.join(f'{n} {w:g}' for n, w in weights.items())}"
+            + "".join(f"; {key} {value:g}" for key, value in changes.items()))
     dtype = compute_dtype(tcfg.dtype, run.device)
     log(f"run: {run.world} process(es) on {run.device.type}, {dtype}, global batch {tcfg.micro_batch_size} x "
         f"{s.global_batch // s.per_micro} accumulation x {run.world} = {s.global_batch} sequences x {tcfg.seq_len} = "
@@ -637,7 +697,7 @@ def log_step(run: Run, step: int, tokens: int, lr: float, parts: dict, grad_norm
         row["skipped_steps"] = run.spikes.skipped
     peak = peak_flops_per_device(run.device, tcfg.peak_flops)
     if peak:
-        row["mfu"] = tok_per_s * flops_per_token(mcfg, tcfg.seq_len) / (peak * run.world)
+        row["mfu"] = tok_per_s * flops_per_token(mcfg, run.settings["seq_len"]) / (peak * run.world)
     row.update(moe_row)
     run.record(row)
     extra = f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
@@ -716,16 +776,17 @@ def train(cfg: dict) -> dict:
     try:
         with StopRequest() as stop:
             while not s.finished(step, tokens):
-                # schedule: batch size, learning rate and data stage at this point of the run
-                batch = s.batch_at(tokens)
+                # schedule: data stage, batch size and learning rate at this point of the run
                 position = s.position(step, tokens)
-                lr = lr_at(position, ocfg, tcfg.max_steps)
+                enter_stage(run, position, step)
+                batch = s.batch_at(tokens)
+                lr = lr_at(position, ocfg, tcfg.max_steps) * stage_warmup(run, position)
                 if ocfg.lr_base_batch:
                     lr *= sqrt_lr_scale(batch, ocfg.lr_base_batch)
                 set_lr(run.optimizer, lr)
-                switch_stage(run, position, step)
-                # forward and backward over the step's micro-batches
-                micro_batches = run.loader.next_step(tcfg.micro_batch_size, batch // s.per_micro)
+                # forward and backward over the step's micro-batches (a stage may change their shape)
+                accum = batch // s.per_micro
+                micro_batches = run.loader.next_step(run.settings["micro_batch_size"], accum)
                 if cfg["model"].moe:  # balance statistics cover every micro-batch of the step (moe.py)
                     begin_moe_step(run.model, len(micro_batches))
                 try:
@@ -735,7 +796,8 @@ def train(cfg: dict) -> dict:
                 except torch.OutOfMemoryError as e:
                     raise out_of_memory(cfg, step + 1) from e
                 moe_row = end_moe_step(run.model) if cfg["model"].moe else {}  # load metrics; the bias update
-                step, tokens = step + 1, tokens + batch * tcfg.seq_len
+                step = step + 1
+                tokens += accum * run.world * run.settings["micro_batch_size"] * run.settings["seq_len"]
                 last = s.finished(step, tokens)
                 # log: throughput over training time only
                 if step % tcfg.log_interval == 0 or last:
@@ -763,15 +825,40 @@ def train(cfg: dict) -> dict:
             run.lock.release()
 
 
-def switch_stage(run: Run, position: float, step: int) -> None:
-    """At a data stage's boundary (data.stage_starts), switch the mixture's weights."""
-    dcfg = run.cfg["data"]
-    progress = position / run.cfg["train"].max_steps
-    if dcfg.stage_starts and run.loader.set_weights(dcfg.weights_at(progress)):
-        run.log(f"step {step:>6} | data stage {dcfg.stage_at(progress) + 1}: "
-                f"{', '.join(f'{n} {w:.2f}' for n, w in zip(run.loader.names, run.loader.weights))}")
-        if run.spikes:  # a new mixture has losses of its own
-            run.spikes.restart()
+def enter_stage(run: Run, position: float, step: int) -> None:
+    """At a data stage's boundary (data.stage_starts), switch the mixture's weights and, for a
+    long-context stage, the sequence length (windows cut anew, each source continuing at its
+    position, as on a resume), the micro-batch size and the RoPE base / YaRN scaling."""
+    dcfg, tcfg = run.cfg["data"], run.cfg["train"]
+    progress = position / tcfg.max_steps
+    stage = dcfg.stage_at(progress)
+    if stage == run.stage:
+        return
+    before, run.stage, run.settings = run.settings, stage, stage_settings(run.cfg, stage)
+    if run.settings["seq_len"] != before["seq_len"]:
+        state = run.loader.state_dict()
+        run.loader = train_loader(run.cfg, run.enc, run.settings["seq_len"], dcfg.weights_at(progress), run.rank,
+                                  run.world)
+        run.loader.load_state_dict(state)
+    if any(run.settings[k] != before[k] for k in ("rope_base", "yarn_factor", "yarn_original_seq_len")):
+        run.model.set_rope(run.settings["rope_base"], run.settings["yarn_factor"],
+                           run.settings["yarn_original_seq_len"])
+    run.loader.set_weights(dcfg.weights_at(progress))
+    changed = {k: v for k, v in run.settings.items() if v != before[k]}
+    run.log(f"step {step:>6} | data stage {stage + 1}: "
+            f"{', '.join(f'{n} {w:.2f}' for n, w in zip(run.loader.names, run.loader.weights))}"
+            + "".join(f" | {k} {v:g}" for k, v in changed.items()))
+    if run.spikes:  # a new mixture has losses of its own
+        run.spikes.restart()
+
+
+def stage_warmup(run: Run, position: float) -> float:
+    """The lr multiplier of a stage's fresh warmup: linear from its start over its warmup_steps."""
+    warmup = run.settings["warmup_steps"]
+    if not warmup or not run.stage:
+        return 1.0
+    start = run.cfg["data"].stage_starts[run.stage - 1] * run.cfg["train"].max_steps
+    return min(1.0, (position - start + 1) / warmup)
 
 
 def finish(run: Run, step: int, tokens: int, val_loss: float | None) -> dict:

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_overrides, torchrun
 from checkpoint import checkpoint_paths, load_meta
 from config import parse_override
+from conftest import ROOT, tiny_overrides, torchrun
+from model import Transformer
 from train import ConfigError, load_config, train
 
 
@@ -204,6 +206,48 @@ def test_mixture_stages_in_one_run_switch_where_the_config_says_and_resume_acros
         load_config(None, ["--data.stage_starts=[0.5]"])
     with pytest.raises(ConfigError, match=r"data.stage_starts=\[0.6, 0.4\] must rise strictly inside \(0, 1\)"):
         load_config(None, ["--data.stage_starts=[0.6, 0.4]", "--data.stage_weights=[{math = 1.0}, {code = 1.0}]"])
+
+
+def test_a_long_context_stage_switches_seq_len_and_rope_base_with_a_fresh_warmup_and_resumes_across(
+        small_data, tmp_path, monkeypatch):
+    """SmolLM3's long-context stage in one config: from half of the run on, sequences twice as long
+    and a 50x RoPE base (ABF), with a fresh 2-step warmup; resumed from a checkpoint before the
+    switch or after it, the run gives the uninterrupted run's rows."""
+    from optim import lr_at
+    stages = {"model.max_seq_len": 128, "train.seq_len": 32, "train.max_steps": 6, "train.ckpt_interval": 2,
+              "train.keep_checkpoints": 3, "train.eval_interval": 3, "data.stage_starts": [0.5],
+              "data.stage_weights": [{"prose": 0.7, "code": 0.2, "math": 0.1}],
+              "train.stage_settings": [{"seq_len": 64, "rope_base": 500_000.0, "warmup_steps": 2}]}
+    bases = []
+    real_set_rope = Transformer.set_rope
+    monkeypatch.setattr(Transformer, "set_rope", lambda self, base, *a: (bases.append(base), real_set_rope(self, base, *a)))
+    run(small_data, tmp_path, "long", **stages)
+    assert bases == [500_000.0]  # once, at the switch
+    rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["tokens"] for r in steps] == [128, 256, 384, 640, 896, 1152]  # 4 x 32, then 4 x 64 tokens a step
+    cfg = load_config(None, tiny_overrides(small_data[0], tmp_path, "x", **stages))
+    expected = [lr_at(s, cfg["optim"], 6) * (min(1.0, (s - 3 + 1) / 2) if s >= 3 else 1.0) for s in range(6)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 3, 6]  # validation stays at the first length
+    for kept in ("ckpt_0000004", "ckpt_0000002"):  # resume after the switch, then from before it
+        shutil.rmtree(tmp_path / "cut", ignore_errors=True)
+        shutil.copytree(tmp_path / "long", tmp_path / "cut")
+        for ckpt in checkpoint_paths(tmp_path / "cut"):
+            if ckpt.name > kept:
+                shutil.rmtree(ckpt)
+        bases.clear()
+        run(small_data, tmp_path, "cut", **stages, **{"train.resume": True})
+        assert bases == ([500_000.0] if kept == "ckpt_0000002" else [])  # built with the stage's base otherwise
+        drop = ("tok_per_s", "mfu")
+        assert [{k: v for k, v in json.loads(r).items() if k not in drop}
+                for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in rows], kept
+    with pytest.raises(ConfigError, match=r"seq_len 256 is longer than model.max_seq_len=128"):
+        load_config(None, tiny_overrides(small_data[0], tmp_path, "x", **{**stages,
+                    "train.stage_settings": [{"seq_len": 256}]}))
+    with pytest.raises(ConfigError, match="train.stage_settings has 1 entries and data.stage_starts 0"):
+        load_config(None, ["--train.stage_settings=[{seq_len = 64}]"])
 
 
 def test_a_fresh_start_starts_a_fresh_metrics_file(small_data, tmp_path):
