@@ -192,21 +192,23 @@ def answer_matches(generated: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def sample_completions(model, enc, prompt: str, k: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
-                       stops: list[str] = (), eos: int | None = None, seed: int = 0) -> list[str]:
-    """k continuations of one prompt (a batch of k copies, so no padding), cut at the stops."""
-    ids = enc.encode_ordinary(prompt)
+def sample_completions(model, enc, prompts: list[str], k: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
+                       stops: list[str] = (), eos: int | None = None, seed: int = 0) -> list[list[str]]:
+    """k continuations of each prompt, cut at the stops: every prompt of a task in one call of the
+    project's sampler (ragged prompts batch together)."""
     max_len = _max_len(model)
+    if max_len is not None and max_new_tokens > max_len // 2:
+        warnings.warn(f"generating {max_len // 2} tokens, not {max_new_tokens}: half of the model's "
+                      f"max_seq_len={max_len} is kept for the prompt", stacklevel=2)
+        max_new_tokens = max_len // 2
+    ids = [enc.encode_ordinary(p) for p in prompts]
     if max_len is not None:
-        if max_new_tokens > max_len // 2:
-            warnings.warn(f"generating {max_len // 2} tokens, not {max_new_tokens}: half of the model's "
-                          f"max_seq_len={max_len} is kept for the prompt", stacklevel=2)
-            max_new_tokens = max_len // 2
-        ids = ids[-(max_len - max_new_tokens):]  # a long prompt keeps its end, next to the answer
+        ids = [i[-(max_len - max_new_tokens):] for i in ids]  # a long prompt keeps its end, next to the answer
     gen = torch.Generator(device=_device(model)).manual_seed(seed)
-    completions = generate(model, [ids], max_new_tokens, k=k, temperature=temperature,
+    completions = generate(model, ids, max_new_tokens, k=k, temperature=temperature,
                            stop_ids=() if eos is None else (eos,), generator=gen)
-    return [truncate_at_stops(enc.decode(row[:-1] if row[-1:] == [eos] else row), list(stops)) for row in completions]
+    texts = [truncate_at_stops(enc.decode(row[:-1] if row[-1:] == [eos] else row), list(stops)) for row in completions]
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 def score_generative(model, enc, task: Task, k: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
@@ -214,11 +216,8 @@ def score_generative(model, enc, task: Task, k: int = 1, temperature: float = 0.
     """Exact match and avg@k for generative items; pass@k (unbiased) for HumanEval's unit tests."""
     if k > 1 and temperature == 0:
         raise EvalError(f"--k {k} samples at temperature 0 would all be the same; set --temperature (e.g. 0.8)")
-    samples = []
-    for i, item in enumerate(task.items):
-        prompt = item["prompt"] if task.kind == "code" else item.prompt
-        samples.append(sample_completions(model, enc, prompt, k, temperature, max_new_tokens, task.stops, eos,
-                                          seed + i))
+    prompts = [item["prompt"] if task.kind == "code" else item.prompt for item in task.items]
+    samples = sample_completions(model, enc, prompts, k, temperature, max_new_tokens, task.stops, eos, seed)
     if task.kind == "code":
         programs = [humaneval_program(p, c) for p, cs in zip(task.items, samples) for c in cs]
         results = run_programs(programs, timeout=timeout, workers=workers)

@@ -325,7 +325,8 @@ def sample_text(model: Transformer, enc: tiktoken.Encoding, prompts: list[str], 
     """One sampled continuation of each prompt (temperature 0.8, top-k 50), up to the end of a document."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     ids = [enc.encode_ordinary(p) for p in prompts]
-    out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=50, stop_ids=[eot_id(enc)], generator=gen)
+    out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=50, stop_ids=[eot_id(enc)], generator=gen,
+                   compiled=False)  # a few samples: compiling the decode step would cost more than it saves
     return [enc.decode(p + o).replace("<|endoftext|>", "") for p, o in zip(ids, out)]
 
 

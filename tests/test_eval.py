@@ -215,10 +215,13 @@ class ScriptedModel(torch.nn.Module):
         self.script, self.calls = script, 0
 
     def complete(self, prompts, max_new_tokens, k, stop_ids):
-        texts = self.script[self.calls]
-        self.calls += 1
-        assert len(prompts) == 1 and len(texts) == k
-        return [list(t.encode()) + [256] for t in texts]
+        out = []
+        for _ in prompts:  # one script entry per prompt, k texts each
+            texts = self.script[self.calls]
+            self.calls += 1
+            assert len(texts) == k
+            out += [list(t.encode()) + [256] for t in texts]
+        return out
 
 
 def test_avg_at_k_and_exact_match_on_planted_samples():
@@ -647,9 +650,9 @@ def test_a_prompt_longer_than_the_model_keeps_its_end(monkeypatch):
         seen.append((prompts, max_new_tokens))
         return real_generate(model, prompts, max_new_tokens, **kw)
     monkeypatch.setattr(ev, "generate", spy)
-    ev.sample_completions(model, ByteTokenizer(), prompt, max_new_tokens=4)
+    ev.sample_completions(model, ByteTokenizer(), [prompt], max_new_tokens=4)
     prompts, n = seen[-1]
     assert n == 4 and len(prompts[0]) == 28 and bytes(prompts[0][-7:]) == b"the end"
     with pytest.warns(UserWarning, match="generating 16 tokens, not 40"):
-        ev.sample_completions(model, ByteTokenizer(), prompt, max_new_tokens=40)
+        ev.sample_completions(model, ByteTokenizer(), [prompt], max_new_tokens=40)
     assert seen[-1][1] == 16 and len(seen[-1][0][0]) == 16
