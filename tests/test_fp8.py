@@ -230,19 +230,23 @@ def test_a_tiny_model_trains_with_fp8_and_a_run_switches_it_off_at_a_resume(smal
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_with_fp8_and_activation_checkpointing_match_one_process(small_data, tmp_path):
-    """Under FSDP2 each FP8 layer quantises the all-gathered weight, and activation checkpointing
-    recomputes its scales: 2 gloo ranks follow the one-process curve (same micro-batches, so the
-    same per-token scales) to 1e-5."""
-    common = {"model.fp8": "rowwise", "model.fp8_skip_first_last": False, "train.max_steps": 4,
-              "train.ckpt_interval": 4, "train.eval_interval": 4}
+def test_fsdp_and_ddp_on_two_ranks_with_fp8_match_one_process(small_data, tmp_path):
+    """Under FSDP2 each FP8 layer quantises the all-gathered weight (here with activation
+    checkpointing recomputing its scales), under DDP the replica's: 2 gloo ranks follow the
+    one-process curve (same micro-batches, so the same per-token scales) to 1e-5."""
+    common = {"model.fp8": "rowwise", "model.fp8_skip_first_last": False, "train.max_steps": 3,
+              "train.ckpt_interval": 3, "train.eval_interval": 3}
     train(load_config(None, tiny_overrides(small_data[0], tmp_path, "one", **common, **{"train.grad_accum_steps": 2})))
-    torchrun(2, tiny_overrides(small_data[0], tmp_path, "two", **common, **{
+    torchrun(2, tiny_overrides(small_data[0], tmp_path, "fsdp", **common, **{
         "train.parallelism": "fsdp", "train.activation_checkpointing": True}), tmp_path)
-    one, two = ({r["step"]: r["loss"] for r in metrics(tmp_path / name) if "loss" in r} for name in ("one", "two"))
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
-    for step in one:
-        assert two[step] == pytest.approx(one[step], abs=1e-5)
+    torchrun(2, tiny_overrides(small_data[0], tmp_path, "ddp", **common), tmp_path)
+    one = {r["step"]: r["loss"] for r in metrics(tmp_path / "one") if "loss" in r}
+    assert sorted(one) == [1, 2, 3]
+    for name in ("fsdp", "ddp"):
+        two = {r["step"]: r["loss"] for r in metrics(tmp_path / name) if "loss" in r}
+        assert sorted(two) == sorted(one)
+        for step in one:
+            assert two[step] == pytest.approx(one[step], abs=1e-5), (name, step)
 
 
 # ---------------------------------------------------------------------------------------------
