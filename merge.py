@@ -40,7 +40,7 @@ from data import MixtureLoader, tokenizer_fingerprint
 from model import Transformer
 from posttrain import accuracy, held_out_examples
 from sft import encode_chat, make_rows
-from tokenizer import eot_id
+from tokenizer import eot_id, save_hf_tokenizer
 from train import evaluate
 
 StateDict = dict[str, torch.Tensor]
@@ -258,6 +258,7 @@ def merge_runs(runs: list[str], weights: list[float] | None = None, method: str 
         meta = {"step": 0, "config": {"model": dataclasses.asdict(merged.cfg), "data": dataclasses.asdict(data_cfg),
                                       "merge": {k: report[k] for k in ("method", "inputs", "base", "weights")}}}
         save_checkpoint(tmp, 0, merged, None, meta)
+        save_hf_tokenizer(enc, tmp)  # the merged run's tokenizer travels with it (checkpoint.load_model)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         os.rename(tmp, out)
     except BaseException:

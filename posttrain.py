@@ -45,7 +45,7 @@ from generate import generate
 from gguf_file import require
 from model import Transformer
 from optim import OptimConfig, build_optimizer, lr_at, set_lr
-from tokenizer import special_id
+from tokenizer import save_hf_tokenizer, special_id
 from weights import save_hf
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ class PostTrainRun:
         self.dtype = compute_dtype(rc.dtype, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.train_model = self.model
-        self.optimizer = None
+        self.optimizer = self._sampler = None
         self.ocfg, self.steps, self.start_step = None, 0, 0
 
     def begin(self, ocfg: OptimConfig, steps: int) -> dict:
@@ -490,6 +490,7 @@ class PostTrainRun:
         if self.master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
+            save_hf_tokenizer(self.enc, self.run_dir)  # the run's tokenizer travels with it (checkpoint.load_model)
             metrics = self.run_dir / "metrics.jsonl"
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step] \
                 if metrics.exists() and self.start_step else []
@@ -541,18 +542,32 @@ class PostTrainRun:
         path = self.run_dir / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if self.master and path.exists() else []
 
-    def full_model(self, all_ranks: bool = False) -> Transformer | None:
-        """The whole trained model for generation, evaluation and the Hugging Face copy: the model
-        itself, or under FSDP a replica of it gathered from the shards (a collective). On rank 0
-        only (None elsewhere) unless all_ranks."""
+    def full_model(self) -> Transformer | None:
+        """The whole trained model on rank 0, for evaluation and the Hugging Face copy: the model
+        itself, or under FSDP a replica gathered from the shards (a collective); None elsewhere."""
         if not is_sharded(self.model):
-            return self.model if self.master or all_ranks else None
-        state = full_state_dict(self.model, all_ranks)
-        if not (self.master or all_ranks):
+            return self.model if self.master else None
+        state = full_state_dict(self.model)
+        if not self.master:
             return None
         replica = Transformer(self.model.cfg).to(self.device)
         replica.load_state_dict(state)
         return replica
+
+    def sampling_model(self) -> Transformer:
+        """The policy to sample from, with this step's weights, on every rank: on a GPU a bf16 copy
+        refreshed in place (generate.py's fast path keeps its compiled step and caches for it, as TRL
+        hands the weights to vLLM), gathered from the shards under FSDP; else the model itself."""
+        if self.device.type != "cuda" and not is_sharded(self.model):
+            return self.model
+        state = full_state_dict(self.model, all_ranks=True)
+        if self._sampler is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self._sampler = Transformer(self.model.cfg).to(self.device, dtype=dtype).eval()
+        with torch.no_grad():
+            for name, value in self._sampler.state_dict().items():
+                value.copy_(state[name])
+        return self._sampler
 
     def finish(self, report: dict, text: str) -> dict:
         """The final checkpoint (the model alone), <run>/report.json, the Hugging Face copy if

@@ -479,8 +479,8 @@ def rl_train(cfg: dict, log=print) -> dict:
         t0, sampled_tokens = time.time(), 0
         for step in range(run.start_step + 1, rcfg.steps + 1):
             lr = run.set_lr(step)
-            # sample with the current policy (whole weights: a replica under FSDP), score, advantages
-            policy = run.full_model(all_ranks=True)
+            # sample with the current policy (a bf16 copy on GPU, whole under FSDP), score, advantages
+            policy = run.sampling_model()
             batch = sample_step(policy, enc, rcfg, prompts, questions, cursor, end_id, pad_id,
                                 rcfg.prompts_per_step // run.world, gen)
             cursor = batch["cursor"] + (run.world - 1) * (rcfg.prompts_per_step // run.world) * batch["rounds"]
@@ -496,14 +496,16 @@ def rl_train(cfg: dict, log=print) -> dict:
                                     f"{row['length']:5.1f} | overlong {row['overlong']:5.1%} | flat groups "
                                     f"{row['flat_groups']:4.0%} | clip {row['clip_fraction']:.3f} | {row['seconds']:.0f}s",
                          {"cursor": cursor, "generator": gen.get_state()})
-        rollout_tok_s = all_reduce_mean(sampled_tokens, device) * run.world / max(time.time() - t0, 1e-9)
+        sampled_tokens = round(all_reduce_mean(sampled_tokens, device) * run.world)
+        rollout_tok_s = sampled_tokens / max(time.time() - t0, 1e-9)
         full = run.full_model()
         if not run.master:
             return run.finish({}, "")
         history = run.history()
         window = max(1, min(10, rcfg.steps // 4))
         report = {"mode": rcfg.mode, "tasks": rcfg.data or rcfg.tasks, "reward_kind": rcfg.reward,
-                  "steps": rcfg.steps, "window": window, "sampled_tokens_per_s": rollout_tok_s,
+                  "steps": rcfg.steps, "window": window, "sampled_tokens": sampled_tokens,
+                  "sampled_tokens_per_s": rollout_tok_s,
                   "sampled_first": {key: mean_of(history[:window], key) for key in SUMMARY},
                   "sampled_last": {key: mean_of(history[-window:], key) for key in SUMMARY},
                   "held_out": len(eval_trained), "held_out_before": held_out_before,

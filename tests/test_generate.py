@@ -61,7 +61,8 @@ def prompts_of(lengths, seed=1, vocab=64):
 
 
 def reference(m: Transformer, prompt: list[int], n: int) -> list[int]:
-    return m.generate(torch.tensor([prompt]), n, temperature=0.0)[0, len(prompt):].tolist()
+    return m.generate(torch.tensor([prompt], device=next(m.parameters()).device), n,
+                      temperature=0.0)[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
