@@ -56,9 +56,9 @@ class DataConfig:
     val_fraction: float = 0.05     # share of each source's documents held out, chosen by seed
     seed: int = 1337               # document split, window order and mixture all derive from it
     num_workers: int = 0           # tokenizing processes; 0 = one per CPU core
-    # a tokenizer file to use instead of training one: this project's, or a Hugging Face
-    # tokenizer.json (byte-level BPE, e.g. Llama 3.2's or SmolLM2's); model.vocab_size >= its ids
-    tokenizer: str = ""            # (see above) "": train one on the embedded sample
+    # instead of training one: this project's tokenizer file or a Hugging Face tokenizer.json
+    # (byte-level BPE: Llama 3.2's, which SmolLM3 reused, or SmolLM2's); model.vocab_size >= its ids
+    tokenizer: str = ""            # a tokenizer file to use ("": train one on the embedded sample)
     tokenizer_train_bytes: int = 0  # 0 = tokenizer.py's default sample size
     max_docs: int = 0              # use at most this many documents per source (0: all); for smoke tests
     # Later mixture stages in one run (SmolLM3: three, the last an annealing on higher-quality data):
