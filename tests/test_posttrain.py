@@ -266,3 +266,21 @@ def test_sft_under_torchrun_fsdp_matches_one_process_and_its_checkpoint_resumes_
                  log=lambda *a: None)
     for a, b in zip(one, rows(tmp_path / "two")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_a_run_started_from_a_hugging_face_folder_feeds_the_next_stage(small_data, tmp_path, monkeypatch):
+    """A run started from weights that brought their own tokenizer (a Hugging Face folder, a GGUF
+    file) keeps that tokenizer in its folder, so the next stage (or eval.py) loads it: no
+    data_cache/ tokenizer of this project exists for it."""
+    pytest.importorskip("safetensors")
+    from checkpoint import load_model
+    from weights import save_hf
+    monkeypatch.chdir(tmp_path)  # no data_cache/ here: the tokenizer can only come from the run folders
+    enc = small_data[1]
+    save_hf(tiny_model(), tmp_path / "hf", enc)
+    args = sft_args(tmp_path / "hf", tmp_path, "from-hf", "--run.ckpt_interval=0")
+    sft.finetune(sft.load_config(None, args), log=lambda *a: None)
+    assert (tmp_path / "from-hf" / "tokenizer.json").is_file()
+    model, loaded_enc, _ = load_model(str(tmp_path / "from-hf"))
+    text = "def add(a, b):\n    return a + b\n"
+    assert loaded_enc.encode(text) == enc.encode(text) and model.cfg.vocab_size == TEST_VOCAB
