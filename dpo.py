@@ -402,10 +402,12 @@ def preference_train(cfg: dict, log=print) -> dict:
         saved = run.begin(cfg["optim"], steps)
         if saved:
             order.load_state_dict(saved["order"])
+        trained_tokens = 0  # prompts and both completions, padding excluded (of this run, not before a resume)
         for step in range(run.start_step + 1, steps + 1):
             lr = run.set_lr(step)
             chunk = [pairs[i] for i in order.next()[run.rank::run.world]]
             ids, targets = (t.to(device) for t in pair_batch(chunk, pad_id))
+            trained_tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
             n = len(chunk)
             with run.autocast:
                 logps, n_tokens = response_logps(run.train_model, ids, targets)
@@ -421,13 +423,14 @@ def preference_train(cfg: dict, log=print) -> dict:
                    **{k: all_reduce_mean(v, device) for k, v in m.items()}}
             run.end_step(step, row, f"loss {row['loss']:.4f} | reward acc {row['accuracy']:.0%} | margin "
                                     f"{row['margin']:+.4f} | lr {lr:.2e}", {"order": order.state_dict()})
+        trained_tokens = round(all_reduce_mean(trained_tokens, device) * run.world)
         full = run.full_model()
         if not run.master:
             return run.finish({}, "")
         history = run.history()
         window = history[-max(1, min(10, steps // 4)):]
         report = {"loss_type": dcfg.loss, "beta": dcfg.beta, "pairs_kind": dcfg.pairs, "pairs": len(pairs),
-                  "pair_counts": pair_counts, "steps": steps, "first_loss": history[0]["loss"],
+                  "pair_counts": pair_counts, "steps": steps, "tokens": trained_tokens, "first_loss": history[0]["loss"],
                   "final_loss": mean_of(window, "loss"), "final_reward_accuracy": mean_of(window, "accuracy"),
                   "final_margin": mean_of(window, "margin"), "accuracy_before": before,
                   "accuracy_after": accuracy(full, enc, eval_set, max_new, dcfg.modes) if eval_set else {}}

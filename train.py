@@ -728,8 +728,10 @@ def validate(run: Run, step: int, tokens: int) -> float:
 
 def save(run: Run, step: int, tokens: int) -> Path:
     """A checkpoint of everything a resumed run needs to continue exactly (checkpoint.py)."""
+    # the model as the stage in force has it: load_model rebuilds a long-context checkpoint with its RoPE base
+    config = config_dict({**run.cfg, "model": stage_model_config(run.cfg["model"], run.settings)})
     meta = {"step": step, "tokens": tokens, "loader": run.loader.state_dict(), "rng": gather_rng_states(),
-            "config": config_dict(run.cfg), "spikes": run.spikes.state_dict() if run.spikes else None}
+            "config": config, "spikes": run.spikes.state_dict() if run.spikes else None}
     path = save_checkpoint(run.run_dir, step, run.model, run.optimizer, meta, run.cfg["train"].keep_checkpoints)
     run.log(f"saved {path}")
     return path

@@ -19,7 +19,8 @@ LAYERS = [
     {"eval", "chat"},
     {"train", "posttrain", "tokenizer_eval"},
     {"sft", "scaling"},
-    {"dpo", "rl", "merge", "speedrun"},
+    {"dpo", "rl", "merge"},
+    {"speedrun"},
 ]
 LAYER = {module: i for i, modules in enumerate(LAYERS) for module in modules}
 TOP = len(LAYERS)  # benchmarks/ sit above everything
