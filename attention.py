@@ -342,8 +342,8 @@ def use_flash_attention_4(device: torch.device) -> str | None:
     else why not (no package, another GPU, a torch without the hook).
 
     Exact attention like every SDPA kernel (same values up to bf16 rounding, tested on GPU), and
-    the fastest one at the 1B ablation shape on an H200: 1-2% more training tokens/s than cuDNN's
-    (README, Benchmarks). PyTorch picks cuDNN before flash on Hopper, so cuDNN's SDPA is switched
+    the fastest one at the 1B ablation shape on an H200 (benchmarks/README.md, Training
+    throughput). PyTorch picks cuDNN before flash on Hopper, so cuDNN's SDPA is switched
     off: causal, unmasked attention then takes the flash slot, and masked SDPA calls (generation
     with a cache) fall to the memory-efficient kernel, as flash takes no mask."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):

@@ -27,8 +27,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "
               "A800": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 
 # Inductor on GPU: autotune the launch settings (block sizes, warps) of its fused elementwise and
-# reduction kernels (the matmuls stay cuBLAS's): +1% tokens/s at the 1B shape for a longer first
-# compile (benchmarks/README.md). bench_train.py uses the same.
+# reduction kernels (the matmuls stay cuBLAS's), for a longer first compile; benchmarks/README.md
+# measures what it gives. bench_train.py uses the same.
 INDUCTOR_GPU_SETTINGS = {"max_autotune_pointwise": True}
 
 
