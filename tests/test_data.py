@@ -308,8 +308,6 @@ def test_a_missing_tokenizer_names_the_command_that_makes_it(tmp_path):
 
 needs_pyarrow = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None,
                                    reason="parquet needs pyarrow: pip install pyarrow")
-needs_zstd = pytest.mark.skipif(importlib.util.find_spec("zstandard") is None,
-                                reason=".jsonl.zst needs zstandard: pip install zstandard")
 
 
 def write_corpus(folder: Path, docs: list[str]) -> Path:
