@@ -148,7 +148,7 @@ class RunLock:
 
 
 # --------------------------------------------------------------------------------------------
-# Stopping a run safely
+# Stopping a run safely; its metrics on resume
 # --------------------------------------------------------------------------------------------
 
 
@@ -198,6 +198,26 @@ def stopped_at_once(run_dir: str | os.PathLike, resume_flag: str) -> str:
         return f"stopped at once, without a checkpoint of this moment; continue from {ckpts[-1]} with {resume_flag}"
     return (f"stopped at once, before any checkpoint in {run_dir}: nothing to save yet; rerun the same command "
             f"(data already prepared is kept)")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint's step: they will be logged again. A run
+    that starts at step 0 (nothing was saved before a crash) starts a fresh file."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line torn by a crash mid-write
+    tmp = path.with_name(path.name + ".tmp")  # rewritten in place, a kill mid-write would lose every row
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,42 +301,59 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                               f"run diverged. The last checkpoint in {run_dir} is untouched: resume from it with a "
                               f"lower optim.lr or train.spike_sigma set")
     path, tmp = run_dir / f"ckpt_{step:07d}", run_dir / f"ckpt_{step:07d}.tmp"
+    try:
+        if master:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
+            tmp.mkdir(parents=True)
+        _barrier()
+        if is_sharded(model):
+            if optimizer is not None:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+            else:
+                dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
+        elif master:
+            state = {"model": model.state_dict()}
+            if optimizer is not None:
+                state["optimizer"] = optimizer.state_dict()
+            torch.save(state, tmp / "state.pt")
+        if master:
+            torch.save(meta, tmp / "meta.pt")
+        _barrier()
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        mine = [(p.name, p.stat().st_size, _sha256(p)) for p in _my_share(files)]
+        digests = {name: (size, digest) for name, size, digest in _gather(mine)}
+        if master:
+            manifest = {"step": step, "format": "sharded" if is_sharded(model) else "single",
+                        "files": {name: {"bytes": size, "sha256": digest} for name, (size, digest) in sorted(digests.items())}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _fsync_dir(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            _fsync_dir(run_dir)
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, a quota: torch.save raises
+        # RuntimeError, DCP a CheckpointException holding each rank's error
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_unwritten(path, e)) from None
     if master:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
-        tmp.mkdir(parents=True)
-    _barrier()
-    if is_sharded(model):
-        if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-        else:
-            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
-    elif master:
-        state = {"model": model.state_dict()}
-        if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
-        torch.save(state, tmp / "state.pt")
-    if master:
-        torch.save(meta, tmp / "meta.pt")
-    _barrier()
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
-    mine = [(p.name, p.stat().st_size, _sha256(p)) for p in _my_share(files)]
-    digests = {name: (size, digest) for name, size, digest in _gather(mine)}
-    if master:
-        manifest = {"step": step, "format": "sharded" if is_sharded(model) else "single",
-                    "files": {name: {"bytes": size, "sha256": digest} for name, (size, digest) in sorted(digests.items())}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_dir(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(run_dir)
         stale = checkpoint_paths(run_dir)[:-keep] if keep else []
         for old in stale + [p for p in incomplete_checkpoints(run_dir) if p != path]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
+
+
+def _unwritten(path: Path, e: BaseException) -> str:
+    if isinstance(e, dcp.api.CheckpointException):
+        e = next(iter(e.failures.values()))[0]
+    free = shutil.disk_usage(path.parent).free / 1e6
+    previous = checkpoint_paths(path.parent)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return (f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}; "
+            f"{free:,.0f} MB free on its disk); {kept}: free space (or move out_dir to another disk) and resume")
 
 
 def _barrier() -> None:

@@ -45,7 +45,8 @@ from distributed import all_reduce_mean
 from generate import generate
 from optim import OptimConfig
 from posttrain import (MODES, TASKS, EpochOrder, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, check_answer,
-                       global_mean_scale, held_out_examples, load_preferences, make_examples, mean_of, prompt_ids)
+                       global_mean_scale, held_out_examples, load_preferences, make_examples, mean_of, prompt_ids,
+                       run_stage)
 from sft import make_rows
 from tokenizer import eot_id, special_id
 
@@ -450,11 +451,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
                     default_config=DEFAULT_CONFIG)
-    try:
-        preference_train(cfg)
-    except (ConfigError, ValueError) as e:  # ConfigError, CheckpointError, DataError: one line each
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(preference_train, cfg)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from chat import render_chat
-from checkpoint import (CheckpointError, RunLock, checkpoint_paths, gather_rng_states, incomplete_checkpoints,
-                        load_meta, load_model, restore_state, save_checkpoint, set_rng_state)
+from checkpoint import (CheckpointError, Diverged, Interrupted, RunLock, StopRequest, checkpoint_paths,
+                        gather_rng_states, incomplete_checkpoints, load_meta, load_model, restore_state,
+                        save_checkpoint, set_rng_state, stopped_at_once, truncate_metrics)
 from config import ConfigError, config_dict, config_to_toml
 from distributed import (all_reduce_mean, barrier, compute_dtype, full_state_dict, is_sharded, parallelize,
                          setup_distributed)
@@ -433,6 +434,7 @@ class PostTrainRun:
     def __init__(self, cfg: dict, stage: str, make_start: str, log=print):
         self.cfg, self.stage = cfg, stage
         self.metrics = self.lock = None
+        self.stop = StopRequest()  # armed by begin(): from the first step on, Ctrl-C stops at a step boundary
         rc: RunConfig = cfg["run"]
         try:
             self.rank, _, self.world, self.device = setup_distributed(rc.device, rc.threads, rc.parallelism)
@@ -491,11 +493,9 @@ class PostTrainRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
             save_hf_tokenizer(self.enc, self.run_dir)  # the run's tokenizer travels with it (checkpoint.load_model)
-            metrics = self.run_dir / "metrics.jsonl"
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step] \
-                if metrics.exists() and self.start_step else []
-            metrics.write_text("".join(line + "\n" for line in kept))
-            self.metrics = open(metrics, "a")
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+            self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        self.stop.__enter__()
         return state
 
     def set_lr(self, step: int) -> float:
@@ -510,21 +510,27 @@ class PostTrainRun:
         clip = self.ocfg.grad_clip if self.ocfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):
+            raise Diverged(diverged(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     def end_step(self, step: int, row: dict, line: str, state: dict) -> None:
         """Record the step's metrics, log its line every log_interval steps, checkpoint every
-        ckpt_interval steps with the stage's state (its data order, sampling cursor...)."""
+        ckpt_interval steps with the stage's state (its data order, sampling cursor...); when asked
+        to stop (Ctrl-C, SIGTERM), checkpoint and raise Interrupted."""
         rc = self.cfg["run"]
         if self.metrics:
             self.metrics.write(json.dumps({"step": step, **row}) + "\n")
             self.metrics.flush()
         if step % rc.log_interval == 0 or step == self.steps:
             self.log(f"step {step:5d}/{self.steps} | {line}")
-        if rc.ckpt_interval and step % rc.ckpt_interval == 0 and step < self.steps:
+        interrupted = self.stop.agreed(self.device)
+        if (rc.ckpt_interval and step % rc.ckpt_interval == 0 and step < self.steps) or interrupted:
             self.save(step, state)
+        if interrupted:
+            raise Interrupted(f"stopped at step {step} as asked, checkpoint written; continue with --run.resume=true")
 
     def save(self, step: int, state: dict | str) -> Path:
         """A checkpoint: the model's config and data config (checkpoint.load_model reads them), the
@@ -586,12 +592,35 @@ class PostTrainRun:
         return report
 
     def close(self) -> None:
-        """Close metrics.jsonl and release the run folder (also when the stage failed)."""
+        """Close metrics.jsonl, put Ctrl-C back and release the run folder (also when the stage failed)."""
+        self.stop.__exit__()
         if self.metrics:
             self.metrics.close()
             self.metrics = None
         if self.lock:
             self.lock.release()
+
+
+def diverged(grad_norm: float) -> str:
+    return (f"the gradient norm is {grad_norm}: the run diverged and stops before this update, so no NaN reaches a "
+            f"checkpoint; resume from its last checkpoint with a lower optim.lr")
+
+
+def run_stage(stage, cfg: dict) -> None:
+    """A stage's command line around stage(cfg): a refusal (ConfigError, CheckpointError, DataError,
+    Diverged) is one line and exit code 2; Ctrl-C or SIGTERM one line and 130."""
+    try:
+        stage(cfg)
+    except (ValueError, Diverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        run = cfg["run"]
+        print(f"interrupted: {stopped_at_once(Path(run.out_dir) / run.name, '--run.resume=true')}", file=sys.stderr)
+        sys.exit(130)
 
 
 def mean_of(rows: list[dict], key: str) -> float:

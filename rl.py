@@ -33,6 +33,7 @@ The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verif
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -41,13 +42,14 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from checkpoint import Diverged
 from config import ConfigError, load_config as read_config, parse_cli
 from distributed import all_reduce_mean
 from generate import generate
 from optim import OptimConfig
 from posttrain import (MODES, TASKS, VERIFIERS, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, check_answer,
-                       follows_mode, global_mean_scale, held_out_examples, interval95, load_prompts, make_examples,
-                       mean_of, prompt_ids, strip_think)
+                       diverged, follows_mode, global_mean_scale, held_out_examples, interval95, load_prompts,
+                       make_examples, mean_of, prompt_ids, run_stage, strip_think)
 from sft import make_rows
 from tokenizer import eot_id, special_id
 
@@ -333,8 +335,10 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, roll
                                                cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta,
                                                cfg.max_new_tokens)
         (loss * scale).backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # no clipping at inf, the norm still
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):
+            raise Diverged(diverged(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {"loss": all_reduce_mean(loss.item() * scale, device), **metrics, "skipped": 0.0}
@@ -539,11 +543,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
                     default_config=DEFAULT_CONFIG)
-    try:
-        rl_train(cfg)
-    except (ConfigError, ValueError) as e:  # ConfigError, CheckpointError, DataError: one line each
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(rl_train, cfg)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from config import ConfigError, load_config as read_config, parse_cli
 from distributed import all_reduce_mean
 from optim import OptimConfig
 from posttrain import (MODES, EpochOrder, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, global_mean_scale,
-                       held_out_examples, interval95, load_conversations, make_examples, mean_of)
+                       held_out_examples, interval95, load_conversations, make_examples, mean_of, run_stage)
 from tokenizer import eot_id
 
 # --------------------------------------------------------------------------------------------
@@ -340,11 +340,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
                     default_config=DEFAULT_CONFIG)
-    try:
-        finetune(cfg)
-    except (ConfigError, ValueError) as e:  # ConfigError, CheckpointError, DataError: one line each
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(finetune, cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ import torch.distributed as dist
 
 import eval as evals
 from attention import use_flash_attention_4
-from checkpoint import (CheckpointError, RunLock, checkpoint_paths, gather_rng_states, incomplete_checkpoints,
-                        load_meta, restore_state, save_checkpoint, set_rng_state)
+from checkpoint import (CheckpointError, Diverged, Interrupted, RunLock, StopRequest, checkpoint_paths,
+                        gather_rng_states, incomplete_checkpoints, load_meta, restore_state, save_checkpoint,
+                        set_rng_state, stopped_at_once, truncate_metrics)
 from config import ConfigError, config_dict, config_to_toml, parse_cli
 from config import load_config as read_config
 from data import DataConfig, MixtureLoader, prepare_data, tokenizer_fingerprint
@@ -540,7 +540,7 @@ def start_run(cfg: dict) -> tuple[Run, int, int]:
         if master:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(config_to_toml(cfg))
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            truncate_metrics(run_dir / "metrics.jsonl", step)
             run.metrics = open(run_dir / "metrics.jsonl", "a")
         describe_run(run, attention_kernel)
     except BaseException:
@@ -643,10 +643,6 @@ def forward_backward(run: Run, micro_batches: list) -> dict[str, float]:
     return parts_sum
 
 
-class Diverged(RuntimeError):
-    """The loss or gradient norm became NaN or inf (and spike skipping is off)."""
-
-
 def clip_and_step(run: Run, loss: float, step: int) -> float:
     """Clip the gradients, then take the optimizer step unless the step is a spike to skip, or stop
     the run if it diverged; the global gradient norm before clipping."""
@@ -735,39 +731,6 @@ def save(run: Run, step: int, tokens: int) -> Path:
     path = save_checkpoint(run.run_dir, step, run.model, run.optimizer, meta, run.cfg["train"].keep_checkpoints)
     run.log(f"saved {path}")
     return path
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, with a checkpoint;
-    a second Ctrl-C stops at once. Every rank agrees on the step (one all-reduce per step)."""
-
-    def __init__(self):
-        self.asked = False
-        self.previous = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (a test runner's worker): no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.asked and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.asked = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self, device: torch.device) -> bool:
-        return all_reduce_mean(float(self.asked), device) > 0 if dist.is_initialized() else self.asked
-
-
-class Interrupted(Exception):
-    """The run stopped at a step boundary because it was asked to (a checkpoint was written)."""
 
 
 def train(cfg: dict) -> dict:
@@ -888,24 +851,6 @@ def finish(run: Run, step: int, tokens: int, val_loss: float | None) -> dict:
     return summary
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint's step: they will be logged again. A run
-    that starts at step 0 (nothing was saved before a crash) starts a fresh file."""
-    if not path.exists():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                rows.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line torn by a crash mid-write
-    path.write_text("".join(r + "\n" for r in rows))
-
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, doc=__doc__, sections=SECTIONS,
                     default_config=DEFAULT_CONFIG, check=check_config)
@@ -916,6 +861,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop
+        print(f"interrupted: {stopped_at_once(Path(cfg['train'].out_dir) / cfg['train'].name, '--train.resume=true')}",
+              file=sys.stderr)
         sys.exit(130)
     if summary.get("process_group"):
         # The run is complete and its process group destroyed, but gloo's worker threads outlive
