@@ -254,6 +254,7 @@ class Pipeline:
     device: torch.device
     log: object
     state: dict = field(default_factory=dict)   # speedrun.json: stage times, the APO pair decision
+    alone: bool = False                          # rank 0 after the training stages, the group gone
 
     @property
     def master(self) -> bool:
@@ -267,7 +268,18 @@ class Pipeline:
 
     def regroup(self) -> None:
         """Join the process group again under torchrun (train.py tears it down when it ends)."""
-        self.rank, _, self.world, self.device = setup_distributed("auto", self.threads)
+        if not self.alone:
+            self.rank, _, self.world, self.device = setup_distributed("auto", self.threads)
+
+    def go_alone(self) -> bool:
+        """After the training stages the group ends: loading and saving checkpoints are collectives
+        while a group exists, and the merges and the evaluation are one process's work. The other
+        ranks leave; True on rank 0, which goes on."""
+        if self.world > 1 and not self.alone:
+            self.regroup()
+            teardown()
+            self.alone = True
+        return self.master
 
 
 def run_pipeline(size: Size, out: str | os.PathLike, threads: int = 0, log=print) -> Path:
@@ -290,6 +302,8 @@ def run_pipeline(size: Size, out: str | os.PathLike, threads: int = 0, log=print
     stages += [("grpo", stage_grpo), ("soup", stage_soup), ("final", stage_final), ("eval", stage_eval)]
     try:
         for name, run_stage in stages:
+            if name in ("soup", "final", "eval") and not p.go_alone():
+                break
             p.regroup()
             if name != "data" and stage_complete(p, name):
                 p.log(f"== {name}: complete, skipped")
@@ -305,7 +319,7 @@ def run_pipeline(size: Size, out: str | os.PathLike, threads: int = 0, log=print
                     run_stage(p)
             except Exception as e:  # noqa: BLE001  (any failure stops the run, with the stage's name)
                 p.state["failed"] = {"stage": name, "reason": f"{type(e).__name__}: {e}"}
-                if not isinstance(e, ValueError):  # a bug, not a setting: keep the traceback
+                if not isinstance(e, (ValueError, train.Interrupted)):  # a bug, not a setting or a stop: the traceback
                     p.log(traceback.format_exc())
                 raise StageFailed(f"stage {name} failed: {e}") from e
             p.state["stages"][name] = {"seconds": time.time() - t0, "load_before": load_before,
@@ -315,7 +329,6 @@ def run_pipeline(size: Size, out: str | os.PathLike, threads: int = 0, log=print
         p.save_state()
         if p.master:
             (out / "report.md").write_text(render_report(p))
-        barrier()
     p.log(f"wrote {out / 'report.md'}")
     return out / "report.md"
 
@@ -389,42 +402,36 @@ def stage_grpo(p: Pipeline) -> None:
 
 
 def stage_soup(p: Pipeline) -> None:
-    if p.master:
-        merge_runs([str(p.out / f"apo-s{s}") for s in p.size.apo_seeds], name="soup", out_dir=str(p.out),
-                   eval_examples=0, eval_batches=1, device=str(p.device), log=p.log)
-    barrier()
+    merge_runs([str(p.out / f"apo-s{s}") for s in p.size.apo_seeds], name="soup", out_dir=str(p.out),
+               eval_examples=0, eval_batches=1, device=str(p.device), log=p.log)
 
 
 def stage_final(p: Pipeline) -> None:
-    if p.master:
-        long_context = models(p.size, p.out)["long"][1]
-        merge_runs([str(p.out / "soup"), long_context], [p.size.soup_share, 1 - p.size.soup_share], name="final",
-                   out_dir=str(p.out), eval_examples=0, eval_batches=1, device=str(p.device), log=p.log)
-    barrier()
+    long_context = models(p.size, p.out)["long"][1]
+    merge_runs([str(p.out / "soup"), long_context], [p.size.soup_share, 1 - p.size.soup_share], name="final",
+               out_dir=str(p.out), eval_examples=0, eval_batches=1, device=str(p.device), log=p.log)
 
 
 def stage_eval(p: Pipeline) -> None:
-    """Every model on the same held-out data (rank 0; the others wait)."""
-    if p.master:
-        if p.size.eval_threads:
-            torch.set_num_threads(p.size.eval_threads)
-        folder = p.out / "eval"
-        folder.mkdir(exist_ok=True)
-        suite = None
-        for key, (label, spec) in models(p.size, p.out).items():
-            path = folder / f"{key}.json"
-            if path.is_file():
-                continue
-            model, enc, data_cfg = load_model(spec, p.device)
-            suite = suite or EvalSuite(p.size, data_cfg, enc, pretrain_config(p.size, p.out, p.threads))
-            t0 = time.time()
-            result = {"label": label, "spec": spec, "params": count_params(model.cfg), **suite.score(model, p.device)}
-            result["seconds"] = time.time() - t0
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(result))
-            os.replace(tmp, path)
-            p.log(f"{label}: " + ", ".join(f"{k} {v['value']:.3f}" for k, v in result["metrics"].items()))
-    barrier()
+    """Every model on the same held-out data, one file per model (a rerun scores only the missing)."""
+    if p.size.eval_threads:
+        torch.set_num_threads(p.size.eval_threads)
+    folder = p.out / "eval"
+    folder.mkdir(exist_ok=True)
+    suite = None
+    for key, (label, spec) in models(p.size, p.out).items():
+        path = folder / f"{key}.json"
+        if path.is_file():
+            continue
+        model, enc, data_cfg = load_model(spec, p.device)
+        suite = suite or EvalSuite(p.size, data_cfg, enc, pretrain_config(p.size, p.out, p.threads))
+        t0 = time.time()
+        result = {"label": label, "spec": spec, "params": count_params(model.cfg), **suite.score(model, p.device)}
+        result["seconds"] = time.time() - t0
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+        p.log(f"{label}: " + ", ".join(f"{k} {v['value']:.3f}" for k, v in result["metrics"].items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,7 +798,7 @@ def main(argv: list[str] | None = None) -> None:
     except (StageFailed, ConfigError) as e:
         print(f"error: {e}\n(rerun the same command after fixing it: completed stages are skipped)", file=sys.stderr)
         sys.exit(2)
-    if dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # as train.main: gloo's threads may outlive the group and abort a finished run at exit
         teardown()
         sys.stdout.flush()

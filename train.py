@@ -487,6 +487,7 @@ class Run:
     lock: RunLock | None
     stage: int                          # the data stage in force (data.stage_starts)
     settings: dict                      # its settings: seq_len, micro_batch_size, RoPE, warmup (stage_settings)
+    owns_group: bool = True             # the process group is this run's to end (a caller's group is left alone)
 
     def record(self, row: dict) -> None:
         if self.metrics:
@@ -497,6 +498,7 @@ class Run:
 def start_run(cfg: dict) -> tuple[Run, int, int]:
     """Set up processes, data, model and optimizer, resume if asked; (run, first step, tokens seen)."""
     mcfg, ocfg, tcfg = cfg["model"], cfg["optim"], cfg["train"]
+    joined = dist.is_initialized()  # a caller's group (the speedrun's): re-creating one races on the store's keys
     try:
         rank, _, world, device = setup_distributed(tcfg.device, tcfg.threads, tcfg.parallelism)
     except ValueError as e:
@@ -535,7 +537,7 @@ def start_run(cfg: dict) -> tuple[Run, int, int]:
         optimizer = build_optimizer(model, ocfg)  # no weight decay on embeddings and norms (optim.param_groups)
         spikes = SpikeSkipper(tcfg.spike_sigma, tcfg.spike_window) if tcfg.spike_sigma else None
         run = Run(cfg, run_dir, device, rank, world, master, log, schedule, enc, loader, val_loader, task_evals, model,
-                  train_model, autocast, optimizer, spikes, None, lock, stage, settings)
+                  train_model, autocast, optimizer, spikes, None, lock, stage, settings, not joined)
         step, tokens = resume(run, ckpts[-1], saved) if saved else (0, 0)
         if master:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -828,7 +830,7 @@ def stage_warmup(run: Run, position: float) -> float:
 
 
 def finish(run: Run, step: int, tokens: int, val_loss: float | None) -> dict:
-    """Samples of text, the final line, and the process group torn down; the run's summary."""
+    """Samples of text, the final line, and the process group torn down if the run made it; the run's summary."""
     tcfg = run.cfg["train"]
     summary = {"run_dir": str(run.run_dir), "steps": step, "tokens": tokens, "val_loss": val_loss}
     if tcfg.sample_tokens:
@@ -844,7 +846,7 @@ def finish(run: Run, step: int, tokens: int, val_loss: float | None) -> dict:
             run.log("\n----- samples -----\n" + "\n\n----\n\n".join(samples) + "\n-------------------")
     if val_loss is not None:
         run.log(f"final val_loss {val_loss:.4f} after {tokens:,} tokens")
-    if dist.is_initialized():
+    if dist.is_initialized() and run.owns_group:
         run.train_model = None  # DDP's reducer goes before the process group it uses
         teardown()
         summary["process_group"] = True

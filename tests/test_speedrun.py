@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import socket
 import tomllib
 
 import pytest
@@ -124,3 +125,29 @@ def test_verdicts_pair_items_and_do_not_call_noise_a_change():
         "within noise"
     assert speedrun.context_buckets(256, 1024) == {"ctx/near": (0, 256), "ctx/mid": (256, 512), "ctx/far": (512, 1024)}
     assert speedrun.context_buckets(32, 64) == {"ctx/near": (0, 32), "ctx/mid": (32, 64)}
+
+
+def test_train_leaves_a_callers_process_group_alone(small_data, tmp_path, monkeypatch):
+    """The speedrun makes the process group once and runs every training stage in it: train() must
+    not end a group it did not make (making a new one in the same torchrun job races on the
+    store's keys), while a group it made itself is still ended."""
+    import torch.distributed as dist
+    from conftest import tiny_overrides
+    from distributed import setup_distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    setup_distributed("cpu", 1, "fsdp")  # a group of one process, made before train() runs
+    try:
+        speedrun.train.train(speedrun.train.load_config(None, tiny_overrides(small_data[0], tmp_path, "inside",
+                                                                             **{"train.max_steps": 2})))
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    summary = speedrun.train.train(speedrun.train.load_config(None, tiny_overrides(
+        small_data[0], tmp_path, "own", **{"train.max_steps": 2, "train.parallelism": "fsdp"})))
+    assert summary["process_group"] and not dist.is_initialized()
