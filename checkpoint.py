@@ -326,7 +326,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         digests = {name: (size, digest) for name, size, digest in _gather(mine)}
         if master:
             manifest = {"step": step, "format": "sharded" if is_sharded(model) else "single",
-                        "files": {name: {"bytes": size, "sha256": digest} for name, (size, digest) in sorted(digests.items())}}
+                        "files": {name: {"bytes": size, "sha256": digest}
+                                  for name, (size, digest) in sorted(digests.items())}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
             if path.exists():

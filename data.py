@@ -176,6 +176,9 @@ def split_documents(docs: list[str], val_fraction: float, seed: int, source: str
 def _check_both_sides(source: str, n_train: int, n_val: int, val_fraction: float) -> None:
     if n_train and n_val:
         return
+    if not n_train + n_val:
+        raise ValueError(f"data source {source!r} has no documents: its inputs are empty (or hold no --text-field "
+                         f"field); check the files")
     side, fix = ("validation", "raise --val-fraction or add documents") if not n_val else \
                 ("training", "lower --val-fraction or add documents")
     raise ValueError(f"data source {source!r}: none of its {n_train + n_val} documents fell on the {side} side "
@@ -347,6 +350,9 @@ def ingest(source: str, records: Callable[[tuple[int, int]], Iterator[tuple[int,
                 "max_docs": cfg.max_docs, "dedup": dedup, "shard_tokens": shard_tokens,
                 "chunk": [CHUNK_DOCS, CHUNK_CHARS], "version": SHARD_VERSION}
     state = ingest_state(out_dir, source)
+    if state and not shards_present(out_dir, source, state):  # deleted as a read error advised: rebuild
+        log(f"{source}: shards that {source}.ingest.json lists are missing from {out_dir}: starting over")
+        state = None
     if state and state["settings"] == settings and state["complete"]:
         log(f"{source}: already complete in {out_dir} ({_summary(state['counts'])})")
         return state["counts"]
@@ -449,6 +455,12 @@ def ingest(source: str, records: Callable[[tuple[int, int]], Iterator[tuple[int,
     return counts
 
 
+def shards_present(out_dir: str | os.PathLike, source: str, state: dict) -> bool:
+    """Whether every shard a progress file counts as written is there."""
+    return all((Path(out_dir) / f"{source}_{split}_{k:03d}.bin").is_file()
+               for split, n in state["shards"].items() for k in range(n))
+
+
 def _summary(counts: dict) -> str:
     return (f"{counts['train'] + counts['val']:,} documents ({counts['train']:,} train / {counts['val']:,} val), "
             f"{counts['bytes'] / 1e6:,.1f} MB, {counts['tokens']:,} tokens, {counts['skipped']:,} skipped, "
@@ -528,12 +540,15 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print):
     for source in cfg.sources():
         state = ingest_state(out, source)
         if source in SOURCES:  # built, finished, or (other tokenizer, older split) rebuilt here
-            docs = limit_documents(corpus_documents(source), cfg, source)
-            ingest(source, lambda start: ((0, d) for d in docs[start[1]:]), [f"embedded:{source}"], out, tok_path,
-                   cfg, log=log)
-        elif not (state and state["complete"] and state["settings"]["tokenizer"] == fingerprint):
+            # read only if the shards need writing: reading the stdlib's code takes a second on every start
+            def documents(start, source=source):
+                return ((0, d) for d in limit_documents(corpus_documents(source), cfg, source)[start[1]:])
+            ingest(source, documents, [f"embedded:{source}"], out, tok_path, cfg, log=log)
+        elif not (state and state["complete"] and state["settings"]["tokenizer"] == fingerprint
+                  and shards_present(out, source, state)):
             why = ("is unfinished" if state and not state["complete"] else
-                   "was made with another tokenizer" if state else "is missing")
+                   "was made with another tokenizer" if state and state["settings"]["tokenizer"] != fingerprint else
+                   "is missing shards" if state else "is missing")
             raise FileNotFoundError(
                 f"data source {source!r} {why} in {out}; make it with `python data.py --source {source} --files ... "
                 f"{f'--tokenizer {tok_path}' if cfg.tokenizer else f'--vocab-size {vocab_size}'} --seed {cfg.seed} "

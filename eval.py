@@ -582,7 +582,8 @@ def main_decontaminate(argv: list[str]) -> None:
     enc = load_tokenizer(tok_path)
     # built-in tasks are cut from the validation documents of the shards' own split
     task = load_task(args.task, data.DataConfig.from_shard_dir(paths[0].parent) if args.task in BUILTIN_TASKS else None)
-    report = decontaminate(task, enc, [data.read_shard(p) for p in paths], args.n, args.threshold)
+    fingerprint = data.tokenizer_fingerprint(tok_path)  # n-grams of ids mean nothing under another tokenizer
+    report = decontaminate(task, enc, [data.read_shard(p, fingerprint) for p in paths], args.n, args.threshold)
     overlap = np.array(report["overlap"])
     print(f"task {task.name}, {report['items']} items against {len(paths)} shard(s), {args.n}-grams: "
           + ", ".join(f"{int((overlap > t).sum())} above {t:.0%}" for t in (0, 0.5, 0.8))

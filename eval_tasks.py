@@ -135,7 +135,10 @@ def read_json_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) pairs from a .jsonl file, or from a .json file holding a list."""
     if not path.is_file():
         raise EvalError(f"task file {path} not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path} is not UTF-8 text ({e}); convert it, e.g. iconv -t utf-8") from None
     if path.suffix == ".json":
         try:
             rows = json.loads(text)

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         merge_runs(list(cfg.runs), list(cfg.weights), cfg.method, cfg.base or None, cfg.normalize, cfg.name,
                    cfg.out_dir, cfg.eval_examples, cfg.eval_batches, cfg.max_new_tokens, cfg.device)
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # MergeError; missing or short validation shards
+    except (ConfigError, ValueError, OSError) as e:  # MergeError; missing or short validation shards; a full disk
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -608,10 +608,10 @@ def diverged(grad_norm: float) -> str:
 
 def run_stage(stage, cfg: dict) -> None:
     """A stage's command line around stage(cfg): a refusal (ConfigError, CheckpointError, DataError,
-    Diverged) is one line and exit code 2; Ctrl-C or SIGTERM one line and 130."""
+    OSError, Diverged) is one line and exit code 2; Ctrl-C or SIGTERM one line and 130."""
     try:
         stage(cfg)
-    except (ValueError, Diverged) as e:
+    except (ValueError, OSError, Diverged) as e:  # OSError: a path that is no folder, a full disk (named)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:

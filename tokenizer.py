@@ -529,15 +529,19 @@ def main() -> None:
 
     start = time.perf_counter()
     try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # an unusable --out stops before the training
         if args.files:
             texts = file_sample(expand_inputs(args.files), args.max_bytes, args.text_field)
+            if not texts:
+                raise ValueError(f"no documents in {' '.join(args.files)} (empty, or no {args.text_field!r} field: "
+                                 f"--text-field)")
         else:
             texts = tokenizer_training_text(args.max_bytes)
         enc = TRAINERS[args.trainer](texts, args.vocab_size)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad size, too little text, a bad file: one line
+        seconds = time.perf_counter() - start
+        save_tokenizer(enc, args.out)
+    except (ValueError, OSError, ImportError) as e:  # bad size, too little text, a bad file or folder: one line
         parser.error(str(e))
-    seconds = time.perf_counter() - start
-    save_tokenizer(enc, args.out)
     print(f"vocab size {enc.n_vocab}, trained in {seconds:.1f} s ({args.trainer} trainer, "
           f"{sum(len(t.encode('utf-8')) for t in texts) / 1e6:.1f} MB of text), saved to {args.out}")
     if args.files:  # 10 MB tell the compression as well as a GB would, in a second instead of minutes

@@ -858,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
                     default_config=DEFAULT_CONFIG, check=check_config)
     try:
         summary = train(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError, Diverged) as e:
+    except (ConfigError, CheckpointError, OSError, Diverged) as e:  # OSError names its file: missing, not a folder
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:

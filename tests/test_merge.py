@@ -153,8 +153,9 @@ def test_cli_writes_a_folder_that_loads_as_the_in_memory_merge(small_data, tmp_p
         (run_dir / "ckpt_0000000.tmp" / "state.pt").write_bytes(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(merge, "save_checkpoint", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit):  # one line, not a traceback
         merge.main(["--merge.name=crashed", "--merge.eval_examples=0", *flags])
+    assert capsys.readouterr().err == "error: disk full\n"
     assert not (tmp_path / "crashed").exists() and not (tmp_path / "crashed.tmp").exists()
 
 
