@@ -578,8 +578,8 @@ def test_post_training_killed_torn_and_stopped_resumes_exactly(server, start_mod
 def test_a_nan_loss_stops_the_run_before_the_update_or_is_skipped_as_configured(server, small_data, start_model,
                                                                                   tmp_path):
     """A NaN loss at step 3 (checkpoint 2 written): train.py stops with one line and exit 2; nothing
-    after checkpoint 2 is written and every checkpoint left is finite. sft.py and rl.py too (rl.py:
-    at its third training forward; batches with nothing to learn have none). With
+    after checkpoint 2 is written and every checkpoint left is finite. sft.py, dpo.py and rl.py too
+    (rl.py: at its third training forward; batches with nothing to learn have none). With
     train.spike_sigma set, train.py skips that step's update instead and finishes with finite weights."""
     from checkpoint import checkpoint_paths, load_model, verify_checkpoint
 
@@ -600,7 +600,7 @@ def test_a_nan_loss_stops_the_run_before_the_update_or_is_skipped_as_configured(
     assert skipped.rc == 0 and "step      3 | update skipped: grad_norm is nan" in skipped.out, skipped.report()
     assert [r["skipped_steps"] for r in rows(tmp_path / "skip") if "loss" in r] == [0, 0, 1, 1, 1, 1]
     assert finite(tmp_path / "skip", "ckpt_0000006")
-    for command in ("sft", "rl"):
+    for command in ("sft", "dpo", "rl"):
         stopped = server.run(command, stage_args(command, start_model, tmp_path, command), nan)
         stopped.refused("error: the gradient norm is nan: the run diverged and stops before this update",
                         "lower optim.lr")
