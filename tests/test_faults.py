@@ -286,8 +286,11 @@ class Server:
 
     def __init__(self, logs: Path):
         self.logs, self.count = logs, 0
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-               "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        # as from a fresh shell: an earlier test's process group may have left MASTER_PORT & co. in os.environ
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                                "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1",
+                   TQDM_DISABLE="1")
         self.proc = subprocess.Popen([sys.executable, "-c", "import test_faults; test_faults.serve()"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.files = {}  # pid -> its stdout and stderr files
