@@ -117,23 +117,25 @@ def _cpu_size() -> Size:
 
 
 def _gpu_size() -> Size:
-    # ~30M parameters, 8,192-token vocabulary, 64 x 512 tokens a step, then 2,048 tokens per sequence.
+    # ~29M parameters, 8,192-token vocabulary, 64 x 512 tokens a step (in micro-batches of 8, so that
+    # 1, 2, 4 or 8 GPUs train the same global batch), then 16 x 2,048 tokens a step.
     # The corpus holds ~5M tokens (prose 0.12M): the mix leans on code and math so prose repeats ~10x, not 100x.
     return Size(
         name="gpu", main_steps=300, anneal_steps=60, long_steps=60,
         anneal_weights={"prose": 0.1, "code": 0.4, "math": 0.5}, long_weights={"prose": 0.1, "code": 0.8, "math": 0.1},
-        long_context={"seq_len": 2048, "micro_batch_size": 16, "rope_base": 200_000.0, "warmup_steps": 10},
+        long_context={"seq_len": 2048, "micro_batch_size": 2, "rope_base": 200_000.0, "warmup_steps": 10},
         pretrain={"model.vocab_size": 8192, "model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8,
                   "model.n_kv_heads": 4, "model.d_ff": 1536, "model.max_seq_len": 2048,
                   "data.weights": {"prose": 0.1, "code": 0.6, "math": 0.3},
                   "optim.lr": 2e-3, "optim.min_lr": 2e-4, "optim.warmup_steps": 30, "optim.schedule": "wsd",
-                  "optim.decay_fraction": 0.3, "train.micro_batch_size": 64, "train.seq_len": 512,
+                  "optim.decay_fraction": 0.3, "train.micro_batch_size": 8, "train.global_batch_size": 64,
+                  "train.seq_len": 512,
                   "train.eval_interval": 60, "train.log_interval": 20, "train.sample_tokens": 0},
         sft={"sft.epochs": 3.0, "sft.train_examples": 6000, "sft.rows_per_step": 32, "sft.seq_len": 512,
              "optim.lr": 5e-4, "optim.min_lr": 5e-5},
         apo={"dpo.prompts": 800, "dpo.pairs_per_step": 16, "optim.lr": 5e-5, "optim.min_lr": 5e-6},
         grpo={"rl.steps": 40, "rl.prompts_per_step": 32, "optim.lr": 1e-4},
-        probe_prompts=96, min_pairs=128, eval_windows=64, eval_items=300, chat_per_task=50, humaneval_items=64)
+        probe_prompts=96, min_pairs=128, eval_windows=48, eval_items=200, chat_per_task=50, humaneval_items=32)
 
 
 def _test_size() -> Size:
@@ -529,8 +531,9 @@ class EvalSuite:
                 hits = [float(r["correct"][0]) for r in result["items"]]
             metrics[task.name] = share_metric(hits)
         if self.humaneval is not None:  # a short timeout: a small model's programs that run at all rarely stop
-            result = score_generative(model, self.enc, self.humaneval, max_new_tokens=self.size.humaneval_max_new_tokens,
-                                      eos=eot_id(self.enc), timeout=3.0, workers=min(8, os.cpu_count() or 1))
+            result = score_generative(model, self.enc, self.humaneval, eos=eot_id(self.enc), timeout=3.0,
+                                      max_new_tokens=self.size.humaneval_max_new_tokens,
+                                      workers=min(8, os.cpu_count() or 1))
             metrics["humaneval"] = share_metric([float(r["correct"][0]) for r in result["items"]])
         for mode in ("think", "no_think"):
             completions = answers(model, self.enc, self.chat, MODES[mode], self.size.chat_max_new_tokens)
@@ -617,7 +620,8 @@ def stage_figures(p: Pipeline) -> list[dict]:
             continue
         row = wall(key, key, steps=report["steps"])
         if key == "sft":
-            rows_per_step, seq_len = post_setting(out / key, "sft", "rows_per_step"), post_setting(out / key, "sft", "seq_len")
+            sft_cfg = read_toml_config(out / key / "config.toml")["sft"]
+            rows_per_step, seq_len = sft_cfg["rows_per_step"], sft_cfg["seq_len"]
             row["tokens"] = round(report["steps"] * rows_per_step * seq_len * report["fill"])
             row["tok_s"] = report["tokens_per_s"]
             if peak and config:
@@ -638,10 +642,6 @@ def stage_figures(p: Pipeline) -> list[dict]:
 
 def read_toml_config(path: Path) -> dict | None:
     return tomllib.loads(path.read_text()) if path.is_file() else None
-
-
-def post_setting(run_dir: Path, section: str, key: str):
-    return read_toml_config(run_dir / "config.toml")[section][key]
 
 
 METRIC_GROUPS = {
@@ -686,8 +686,9 @@ def render_report(p: Pipeline) -> str:
               "| stage | tokens | steps | minutes | tok/s | MFU | load | note |", "|---|---|---|---|---|---|---|---|"]
     for r in stage_figures(p):
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else ""
-        lines.append(f"| {r['stage']} | {fmt(r.get('tokens'), ',')} | {fmt(r.get('steps'), ',')} | {r['minutes']:.2f} | "
-                     f"{fmt(r.get('tok_s'), ',.0f')} | {mfu} | {r.get('load', '')} | {r.get('note', '')} |")
+        lines.append(f"| {r['stage']} | {fmt(r.get('tokens'), ',')} | {fmt(r.get('steps'), ',')} | "
+                     f"{r['minutes']:.2f} | {fmt(r.get('tok_s'), ',.0f')} | {mfu} | {r.get('load', '')} | "
+                     f"{r.get('note', '')} |")
     if "apo_pairs" in p.state:
         lines += ["", f"APO pairs: {p.state['apo_pairs']['kind'].replace('_', '-')} ({p.state['apo_pairs']['why']})."]
     lines += ["", "## Loss curves", ""] + plot_curves(p)
@@ -697,8 +698,8 @@ def render_report(p: Pipeline) -> str:
         lines += ["", "## Evaluation", "",
                   f"Every model on the same held-out data: {size.eval_windows} validation windows per source at "
                   f"{pretrain_config(size, out, p.threads)['train'].seq_len} tokens; loss by position on up to "
-                  f"{size.eval_windows} windows of code at {size.long_context['seq_len']} tokens, each token grouped by "
-                  f"how many tokens of its own document it sees (near/mid/far); {size.eval_items} items per task; "
+                  f"{size.eval_windows} windows of code at {size.long_context['seq_len']} tokens, each token grouped "
+                  f"by how many tokens of its own document it sees (near/mid/far); {size.eval_items} items per task; "
                   f"{size.chat_per_task} chat questions per task (add, sort, reverse), none trained on. Base models "
                   f"are asked the chat questions too (their format/no_think is trivially high: it only checks that no "
                   f"think block is written)."]
@@ -767,7 +768,8 @@ def plot_curves(p: Pipeline) -> list[str]:
         fig.savefig(p.out / "pretrain.png", dpi=100)
         plt.close(fig)
         shown.append("![pretraining loss](pretrain.png)")
-    panels = [("sft", "loss", "SFT loss")] + [(f"apo-s{s}", "loss", f"APO-zero loss, seed {s}") for s in p.size.apo_seeds]
+    panels = [("sft", "loss", "SFT loss")]
+    panels += [(f"apo-s{s}", "loss", f"APO-zero loss, seed {s}") for s in p.size.apo_seeds]
     panels += [("grpo", "reward", "GRPO sampled reward")]
     panels = [(k, m, t) for k, m, t in panels if read_rows(p.out / k / "metrics.jsonl")]
     if panels:

@@ -57,7 +57,8 @@ def test_every_stage_runs_and_the_report_has_each_stages_numbers(finished, small
     # every model scored on the same items, with its row in each evaluation table
     results = {k: json.loads((finished / "eval" / f"{k}.json").read_text()) for k in speedrun.models(size, finished)}
     counts = {k: {m: v["n"] for m, v in r["metrics"].items()} for k, r in results.items()}
-    assert all(c == counts["main"] for c in counts.values()) and {"ctx/near", "ctx/mid", "ctx/far"} <= counts["main"].keys()
+    assert all(c == counts["main"] for c in counts.values())
+    assert {"ctx/near", "ctx/mid", "ctx/far"} <= counts["main"].keys()
     for r in results.values():
         assert report.count(f"| {r['label']} |") == len(speedrun.METRIC_GROUPS)
     assert report.count("does not help beyond noise at this size") >= 1  # SFT of a 2-layer toy teaches no answers
@@ -75,7 +76,8 @@ def test_stages_are_wired_as_the_recipe_says(finished, small_data):
     state = {k: m.state_dict() for k, m in loaded.items()}
     for name, soup in state["soup"].items():
         torch.testing.assert_close(soup, (state["apo-s0"][name].double() + state["apo-s1"][name].double()).float() / 2)
-        torch.testing.assert_close(state["final"][name], (0.9 * soup.double() + 0.1 * state["long"][name].double()).float())
+        final = (0.9 * soup.double() + 0.1 * state["long"][name].double()).float()
+        torch.testing.assert_close(state["final"][name], final)
     assert tomllib.loads((finished / "grpo" / "config.toml").read_text())["run"]["init"] == str(finished / "apo-s0")
 
 
@@ -98,7 +100,8 @@ def test_a_failing_stage_stops_the_run_with_its_reason(finished, small_data, tmp
     for stage in ("sft", "apo-s0", "apo-s1", "grpo", "soup", "final", "eval"):
         shutil.rmtree(out / stage)
     bad = sized(small_data, sft={**speedrun.SIZES["test"].sft, "sft.seq_len": 4096})
-    with pytest.raises(speedrun.StageFailed, match=r"stage sft failed: sft.seq_len=4096 exceeds the model's max_seq_len 256"):
+    reason = r"stage sft failed: sft.seq_len=4096 exceeds the model's max_seq_len 256"
+    with pytest.raises(speedrun.StageFailed, match=reason):
         speedrun.run_pipeline(bad, out, threads=1, log=lambda *a: None)
     assert not (out / "apo-s0").exists()  # nothing after the failure ran
     assert "**Stopped: stage `sft` failed: ConfigError: sft.seq_len=4096" in (out / "report.md").read_text()
@@ -151,3 +154,20 @@ def test_train_leaves_a_callers_process_group_alone(small_data, tmp_path, monkey
     summary = speedrun.train.train(speedrun.train.load_config(None, tiny_overrides(
         small_data[0], tmp_path, "own", **{"train.max_steps": 2, "train.parallelism": "fsdp"})))
     assert summary["process_group"] and not dist.is_initialized()
+
+
+# ids: a test whose id is "gpu" counts as a GPU test and is skipped on CPU
+@pytest.mark.parametrize("name", sorted(speedrun.SIZES), ids=lambda n: f"size-{n}")
+def test_every_sizes_stage_configs_load(name, tmp_path):
+    """A size is config overrides: an unknown key or a bad value in any stage's stops here, not
+    minutes into a run (the gpu size never runs on the CPU test machine)."""
+    size = speedrun.SIZES[name]
+    cfg = speedrun.pretrain_config(size, tmp_path, 0)
+    ends = speedrun.phase_ends(size)
+    assert cfg["data"].stage_at(ends["main"] / size.pretrain_steps) == 1 > cfg["data"].stage_at(
+        (ends["main"] - 1) / size.pretrain_steps)  # phase 2 starts right after phase 1's last step
+    assert cfg["data"].stage_at(ends["anneal"] / size.pretrain_steps) == 2
+    assert all(step % cfg["train"].ckpt_interval == 0 for step in ends.values())  # a checkpoint ends each phase
+    assert cfg["train"].keep_checkpoints >= len(ends)
+    for module, overrides in ((speedrun.sft, size.sft), (speedrun.dpo, size.apo), (speedrun.rl, size.grpo)):
+        speedrun.post_config(module, overrides, tmp_path / "init", "x", tmp_path, 0, 0, size.chat_per_task)
