@@ -719,8 +719,10 @@ def render_report(p: Pipeline) -> str:
             for r in results.values():
                 lines.append(f"| {r['label']} | " + " | ".join(cell(r["metrics"].get(k)) for k in keys) + " |")
         lines += ["", "## What each stage changed", "",
-                  "Each stage's model against the model it started from, on the same items: the mean change with "
-                  "its 95% interval (paired over windows or items). Beyond noise means the interval excludes 0.", ""]
+                  "Each stage's model against the model it started from, on the same items. Losses and partial "
+                  "credit: the mean change with the 95% interval of the paired differences (beyond noise: the "
+                  "interval excludes 0). Accuracies: the change in points, the items gained and lost, and McNemar's "
+                  "exact p on them (beyond noise: p < 0.05).", ""]
         for key, base, targets in comparisons(size):
             if key not in results or base not in results:
                 continue
