@@ -268,24 +268,19 @@ class Pipeline:
             tmp.write_text(json.dumps(self.state, indent=2))
             os.replace(tmp, self.out / "speedrun.json")
 
-    def regroup(self) -> None:
-        """Join the process group again under torchrun (train.py tears it down when it ends)."""
-        if not self.alone:
-            self.rank, _, self.world, self.device = setup_distributed("auto", self.threads)
-
     def go_alone(self) -> bool:
-        """After the training stages the group ends: loading and saving checkpoints are collectives
-        while a group exists, and the merges and the evaluation are one process's work. The other
-        ranks leave; True on rank 0, which goes on."""
+        """After the training stages the process group ends: loading and saving checkpoints are
+        collectives while a group exists, and the merges and the evaluation are one process's work.
+        The other ranks leave; True on rank 0, which goes on."""
         if self.world > 1 and not self.alone:
-            self.regroup()
             teardown()
             self.alone = True
         return self.master
 
 
 def run_pipeline(size: Size, out: str | os.PathLike, threads: int = 0, log=print) -> Path:
-    """Run (or finish) the speedrun of this size into `out`; returns report.md's path."""
+    """Run (or finish) the speedrun of this size into `out`; returns report.md's path. Under
+    torchrun the process group is made here, once, and every training stage runs in it."""
     out = Path(out)
     rank, _, world, device = setup_distributed("auto", threads)
     p = Pipeline(size, out, threads, rank, world, device, log if rank == 0 else (lambda *a, **k: None))
@@ -306,7 +301,6 @@ def run_pipeline(size: Size, out: str | os.PathLike, threads: int = 0, log=print
         for name, run_stage in stages:
             if name in ("soup", "final", "eval") and not p.go_alone():
                 break
-            p.regroup()
             if name != "data" and stage_complete(p, name):
                 p.log(f"== {name}: complete, skipped")
                 continue
@@ -385,8 +379,9 @@ def probe_on_policy(p: Pipeline) -> dict:
     dcfg = cfg["dpo"]
     model, enc, _ = load_model(str(p.out / "sft"), p.device)
     exclude = {e.question for e in held_out_examples(dcfg.eval_examples)}
-    questions = make_examples(min(p.size.probe_prompts, dcfg.prompts), seed=2, exclude=exclude)  # dpo.py's stream
-    _, counts = dpo.preference_pairs(dataclasses.replace(dcfg, prompts=len(questions)), model, enc, questions, 2,
+    seed = p.size.apo_seeds[0] + 2  # dpo.py's stream of questions for the first APO run
+    questions = make_examples(min(p.size.probe_prompts, dcfg.prompts), seed=seed, exclude=exclude)
+    _, counts = dpo.preference_pairs(dataclasses.replace(dcfg, prompts=len(questions)), model, enc, questions, seed,
                                      lambda *a: None)
     found = sum(c["pairs"] for c in counts.values())
     correct, samples = sum(c["correct"] for c in counts.values()), sum(c["samples"] for c in counts.values())
