@@ -45,6 +45,7 @@ import torch
 
 from conftest import ROOT, tiny_overrides
 
+pytestmark = pytest.mark.slow  # multi-process: every test but one runs children of the fork server
 COMMANDS = ("train", "sft", "dpo", "rl", "merge", "data", "tokenizer", "eval")
 TIMINGS = ("tok_per_s", "mfu", "seconds")  # the only figures a resumed run may log differently
 
