@@ -67,9 +67,10 @@ def checkpoint_paths(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def incomplete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """What a killed save leaves: ckpt_<step>.tmp/ folders, and ckpt_<step>/ folders without a manifest."""
+    """What a killed save leaves: ckpt_<step>.tmp/ and .old/ folders (a same-step checkpoint being
+    replaced), and ckpt_<step>/ folders without a manifest."""
     return sorted(p for p in Path(run_dir).glob("ckpt_*")
-                  if p.is_dir() and (p.name.endswith(".tmp") or not (p / MANIFEST).is_file()))
+                  if p.is_dir() and (p.name.endswith((".tmp", ".old")) or not (p / MANIFEST).is_file()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,10 +331,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                                   for name, (size, digest) in sorted(digests.items())}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
+            old = path.with_name(path.name + ".old")  # a checkpoint of the same step: kept until the new one is in
             if path.exists():
-                shutil.rmtree(path)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
             os.replace(tmp, path)
             _fsync_dir(run_dir)
+            shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # a full disk, a quota: torch.save raises
         # RuntimeError, DCP a CheckpointException holding each rank's error
         if master:

@@ -530,6 +530,12 @@ def start_run(cfg: dict) -> tuple[Run, int, int]:
         settings = stage_settings(cfg, stage)
         enc, loader, val_loader, task_evals = build_data(cfg, cfg["data"].weights_at(resume_position / tcfg.max_steps),
                                                          settings["seq_len"], rank, world, log)
+        fingerprint = tokenizer_fingerprint(cfg["data"].tokenizer_path(mcfg.vocab_size))
+        if saved and saved.get("tokenizer_fingerprint", fingerprint) != fingerprint:
+            raise ConfigError(f"cannot resume from {ckpts[-1]}: it was trained with another tokenizer than "
+                              f"{cfg['data'].tokenizer_path(mcfg.vocab_size)} (fingerprint {fingerprint}); resume with "
+                              f"that run's tokenizer, or start a new run with another --train.name")
+        log(f"tokenizer: {cfg['data'].tokenizer_path(mcfg.vocab_size)} (fingerprint {fingerprint})")
         model = build_model(stage_model_config(mcfg, settings), tcfg, rank, device)
         compiled = tcfg.compile == "true" or (tcfg.compile == "auto" and device.type == "cuda")
         train_model, autocast = parallelize(model, tcfg.parallelism, compute_dtype(tcfg.dtype, device), device,
@@ -729,7 +735,8 @@ def save(run: Run, step: int, tokens: int) -> Path:
     # the model as the stage in force has it: load_model rebuilds a long-context checkpoint with its RoPE base
     config = config_dict({**run.cfg, "model": stage_model_config(run.cfg["model"], run.settings)})
     meta = {"step": step, "tokens": tokens, "loader": run.loader.state_dict(), "rng": gather_rng_states(),
-            "config": config, "spikes": run.spikes.state_dict() if run.spikes else None}
+            "config": config, "spikes": run.spikes.state_dict() if run.spikes else None,
+            "tokenizer_fingerprint": tokenizer_fingerprint(run.cfg["data"].tokenizer_path(run.cfg["model"].vocab_size))}
     path = save_checkpoint(run.run_dir, step, run.model, run.optimizer, meta, run.cfg["train"].keep_checkpoints)
     run.log(f"saved {path}")
     return path

@@ -250,6 +250,21 @@ def test_a_long_context_stage_switches_seq_len_and_rope_base_with_a_fresh_warmup
         load_config(None, ["--train.stage_settings=[{seq_len = 64}]"])
 
 
+def test_a_resume_with_another_tokenizer_is_refused(small_data, tmp_path):
+    """The checkpoint records its tokenizer's fingerprint: a resume whose tokenizer file changed
+    (its shards are rebuilt silently) stops with one line instead of training on other ids."""
+    from corpus import corpus_documents
+    from tokenizer import save_tokenizer, train_bpe
+    cfg = small_data[0]
+    data_copy = tmp_path / "data"
+    shutil.copytree(cfg.dir, data_copy)
+    run(small_data, tmp_path, "tok", **{"train.max_steps": 3, "data.dir": str(data_copy)})
+    other = train_bpe(corpus_documents("code")[:40], 512)  # code only: other merges than the mixed sample's
+    save_tokenizer(other, data_copy / "vocab512" / "tokenizer.json")
+    with pytest.raises(ConfigError, match="trained with another tokenizer"):
+        run(small_data, tmp_path, "tok", **{"train.resume": True, "data.dir": str(data_copy)})
+
+
 def test_a_fresh_start_starts_a_fresh_metrics_file(small_data, tmp_path):
     """A run that crashed before its first checkpoint and is started again (e.g. a requeued Slurm
     job with --train.resume) must not keep the first attempt's rows."""
