@@ -691,7 +691,7 @@ def render_report(p: Pipeline) -> str:
                for key in models(size, out) if (out / "eval" / f"{key}.json").is_file()}
     if results:
         lines += ["", "## Evaluation", "",
-                  f"Every model on the same held-out data: {size.eval_windows} validation windows per source at "
+                  f"Every model on the same held-out data: up to {size.eval_windows} validation windows per source at "
                   f"{pretrain_config(size, out, p.threads)['train'].seq_len} tokens; loss by position on up to "
                   f"{size.eval_windows} windows of code at {size.long_context['seq_len']} tokens, each token grouped "
                   f"by how many tokens of its own document it sees (near/mid/far); {size.eval_items} items per task; "
