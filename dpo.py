@@ -407,21 +407,27 @@ def preference_train(cfg: dict, log=print) -> dict:
         for step in range(run.start_step + 1, steps + 1):
             lr = run.set_lr(step)
             chunk = [pairs[i] for i in order.next()[run.rank::run.world]]
-            ids, targets = (t.to(device) for t in pair_batch(chunk, pad_id))
             trained_tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
-            n = len(chunk)
-            with run.autocast:
-                logps, n_tokens = response_logps(run.train_model, ids, targets)
-                with torch.no_grad():
-                    ref_logps = response_logps(ref, ids, targets)[0] if ref is not None else None
-            loss, m = preference_loss(dcfg.loss, logps[:n], logps[n:], None if ref is None else ref_logps[:n],
-                                      None if ref is None else ref_logps[n:], dcfg.beta,
-                                      n_tokens[:n].float(), n_tokens[n:].float())
-            scale = global_mean_scale(n, device)  # the mean over every process's pairs
-            (loss * scale).backward()
+            scale = global_mean_scale(len(chunk), device)  # the mean over every process's pairs
+            parts, sums = run.micro_batches(len(chunk)), {}
+            for i, part in enumerate(parts):
+                sub = chunk[part]
+                ids, targets = (t.to(device) for t in pair_batch(sub, pad_id))
+                n, share = len(sub), len(sub) / len(chunk)  # this micro-batch's part of the mean
+                with run.grad_sync(i == len(parts) - 1):
+                    with run.autocast:
+                        logps, n_tokens = response_logps(run.train_model, ids, targets)
+                        with torch.no_grad():
+                            ref_logps = response_logps(ref, ids, targets)[0] if ref is not None else None
+                    loss, m = preference_loss(dcfg.loss, logps[:n], logps[n:], None if ref is None else ref_logps[:n],
+                                              None if ref is None else ref_logps[n:], dcfg.beta,
+                                              n_tokens[:n].float(), n_tokens[n:].float())
+                    (loss * share * scale).backward()
+                for key, value in {"loss": loss.item(), **m}.items():
+                    sums[key] = sums.get(key, 0.0) + value * share
             grad_norm = run.clip_and_step()
-            row = {"loss": all_reduce_mean(loss.item() * scale, device), "lr": lr, "grad_norm": grad_norm,
-                   **{k: all_reduce_mean(v, device) for k, v in m.items()}}
+            row = {"loss": all_reduce_mean(sums.pop("loss") * scale, device), "lr": lr, "grad_norm": grad_norm,
+                   **{k: all_reduce_mean(v, device) for k, v in sums.items()}}
             run.end_step(step, row, f"loss {row['loss']:.4f} | reward acc {row['accuracy']:.0%} | margin "
                                     f"{row['margin']:+.4f} | lr {lr:.2e}", {"order": order.state_dict()})
         trained_tokens = round(all_reduce_mean(trained_tokens, device) * run.world)

@@ -20,6 +20,7 @@ losses and pairs; rollouts and advantages). What they share lives here, in three
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -343,6 +344,7 @@ def export_builtin(kind: str, path: str | os.PathLike, n: int, seed: int) -> Pat
         else:
             raise ValueError(f"unknown kind {kind!r}; choose from sft, preference, rl")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
@@ -366,6 +368,8 @@ class RunConfig:
     parallelism: str = "ddp"       # under torchrun: ddp (replicated weights) | fsdp (FSDP2: sharded)
     compile: bool = False          # torch.compile the training forward (GPU)
     threads: int = 0               # CPU threads per process; 0 = cores / processes
+    micro_batch: int = 0           # rows (sft), pairs (dpo) or completions (rl) per forward and backward on each
+                                   # process, gradients accumulated over the step; 0 = the process's whole share
     log_interval: int = 10         # a log line every N steps (every step goes to metrics.jsonl)
     ckpt_interval: int = 0         # a checkpoint every N steps (and at the end); 0: only at the end
     keep_checkpoints: int = 2      # the newest N checkpoints are kept
@@ -380,8 +384,8 @@ class RunConfig:
         for key in ("log_interval", "keep_checkpoints", "eval_max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"run.{key} must be >= 1, got {getattr(self, key)}")
-        if self.ckpt_interval < 0 or self.threads < 0:
-            raise ValueError("run.ckpt_interval and run.threads must be >= 0")
+        if self.ckpt_interval < 0 or self.threads < 0 or self.micro_batch < 0:
+            raise ValueError("run.ckpt_interval, run.threads and run.micro_batch must be >= 0")
         for key, valid in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
                            ("parallelism", ("ddp", "fsdp"))):
             if getattr(self, key) not in valid:
@@ -503,6 +507,22 @@ class PostTrainRun:
         lr = lr_at(step - 1, self.ocfg, self.steps)
         set_lr(self.optimizer, lr)
         return lr
+
+    def micro_batches(self, n: int) -> list[slice]:
+        """This process's n items of a step cut into run.micro_batch-sized slices, one forward and
+        backward each: memory is bounded by the micro-batch (a 1B model's 16 x 4096 rows do not fit at
+        once), the step is the same, since each slice's loss is weighted by its share of the step's."""
+        size = self.cfg["run"].micro_batch or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def grad_sync(self, last: bool):
+        """The context of a micro-batch's backward: gradients are reduced across processes only after
+        the step's last one (as train.forward_backward)."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+        elif self.world > 1 and not last:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
 
     def clip_and_step(self) -> float:
         """Clip the gradients of the trained parameters, step, zero; the global gradient norm."""

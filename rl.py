@@ -32,6 +32,7 @@ The story, top to bottom (the playbook's RL section; SmolLM3 ran GRPO with verif
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -302,12 +303,15 @@ class RLConfig:
 
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rollouts: Rollouts,
                   advantages: torch.Tensor, cfg: RLConfig, grad_clip: float = 1.0, ref: torch.nn.Module | None = None,
-                  autocast=None) -> dict[str, float]:
+                  autocast=None, micro_batch: int = 0, grad_sync=None) -> dict[str, float]:
     """Train on one sampled batch: log-probs of the policy as it sampled (pi_old), then
     cfg.updates_per_batch gradient steps on the clipped surrogate. The first step is exactly on
     policy (ratio 1, the plain policy gradient); later ones see a ratio that moved, and the clip
-    bounds how far one batch may push. Returns the last step's loss and metrics. `model` may be
-    the DDP/FSDP-wrapped module; the loss is normalised over every process's completions.
+    bounds how far one batch may push. Returns the last step's loss, gradient norm and metrics.
+    `model` may be the DDP/FSDP-wrapped module; the loss is normalised over every process's
+    completions. A gradient step runs over micro_batch completions at a time (0: all at once),
+    accumulating gradients that are reduced across processes inside grad_sync(last)
+    (PostTrainRun.grad_sync).
 
     A batch whose advantages are all 0 (every group all right or all wrong) and no KL term has
     nothing to learn; it is skipped rather than letting Adam's momentum move the weights. With
@@ -315,33 +319,47 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, roll
     truncated answer was never finished, so its reward says little about its tokens."""
     device = rollouts.ids.device
     if all_reduce_mean(float(advantages.any() or cfg.kl_beta > 0), device) == 0:
-        return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "skipped": 1.0}
+        return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "kl": 0.0, "skipped": 1.0}
     autocast = autocast or torch.autocast(device.type, enabled=False)
+    grad_sync = grad_sync or (lambda last: contextlib.nullcontext())
+    rows = rollouts.ids.shape[0]
+    parts = [slice(i, min(i + (micro_batch or rows), rows)) for i in range(0, rows, micro_batch or rows)]
     # log-probs at the sampling temperature, the distribution that drew the completions (as TRL's GRPOTrainer)
     with torch.no_grad(), autocast:
-        old = model(rollouts.ids, rollouts.targets, logprobs=True, temperature=cfg.temperature)
-        ref_logps = ref(rollouts.ids, rollouts.targets, logprobs=True, temperature=cfg.temperature) \
-            if cfg.kl_beta else None
+        old = torch.cat([model(rollouts.ids[p], rollouts.targets[p], logprobs=True, temperature=cfg.temperature)
+                         for p in parts])
+        ref_logps = torch.cat([ref(rollouts.ids[p], rollouts.targets[p], logprobs=True, temperature=cfg.temperature)
+                               for p in parts]) if cfg.kl_beta else None
     mask = rollouts.mask & ~rollouts.truncated[:, None] if cfg.overlong_filter else rollouts.mask
     # what the aggregation averages over, on this process: tokens, or completions
-    count = float(mask.sum()) if cfg.aggregation == "token" else float(mask.shape[0])
+    counted = (lambda p: float(mask[p].sum())) if cfg.aggregation == "token" else (lambda p: float(mask[p].shape[0]))
+    count, tokens = counted(slice(None)), max(float(mask.sum()), 1.0)
     scale = global_mean_scale(count, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.updates_per_batch):
-        with autocast:
-            logps = model(rollouts.ids, rollouts.targets, logprobs=True, temperature=cfg.temperature)
-        loss, metrics = clipped_surrogate_loss(logps, old, advantages.to(logps.device), mask, cfg.eps_low,
-                                               cfg.eps_high, cfg.aggregation, ref_logps, cfg.kl_beta,
-                                               cfg.max_new_tokens)
-        (loss * scale).backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # no clipping at inf, the norm still
+        sums = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
+        for i, p in enumerate(parts):
+            share = counted(p) / max(count, 1e-12)  # this micro-batch's part of the loss's mean
+            with grad_sync(i == len(parts) - 1):
+                with autocast:
+                    logps = model(rollouts.ids[p], rollouts.targets[p], logprobs=True, temperature=cfg.temperature)
+                loss, metrics = clipped_surrogate_loss(logps, old[p], advantages[p].to(logps.device), mask[p],
+                                                       cfg.eps_low, cfg.eps_high, cfg.aggregation,
+                                                       None if ref_logps is None else ref_logps[p], cfg.kl_beta,
+                                                       cfg.max_new_tokens)
+                (loss * share * scale).backward()
+            sums["loss"] += loss.item() * share
+            for key, value in metrics.items():  # means over completion tokens
+                sums[key] += value * float(mask[p].sum()) / tokens
+        # grad_clip 0: no clipping, the norm still measured
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):
             raise Diverged(diverged(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"loss": all_reduce_mean(loss.item() * scale, device), **metrics, "skipped": 0.0}
+    return {"loss": all_reduce_mean(sums.pop("loss") * scale, device), "grad_norm": norm, **sums, "skipped": 0.0}
 
 
 def sample_step(model: torch.nn.Module, enc: tiktoken.Encoding, cfg: RLConfig, prompts: list[list[int]],
@@ -491,7 +509,7 @@ def rl_train(cfg: dict, log=print) -> dict:
             sampled_tokens += int(batch["first"][0].lengths.sum())
             advantages = group_advantages(batch["reward"], rcfg.group_size, rcfg.scale_by_std)
             update = policy_update(run.train_model, run.optimizer, batch["rollouts"], advantages, rcfg,
-                                   cfg["optim"].grad_clip, ref, run.autocast)
+                                   cfg["optim"].grad_clip, ref, run.autocast, cfg["run"].micro_batch, run.grad_sync)
             stats = {k: all_reduce_mean(v, device) for k, v in rollout_stats(*batch["first"], rcfg).items()}
             dynamic = {"rounds": batch["rounds"], "kept_groups": int(informative(batch["reward"], rcfg.group_size).sum())} \
                 if rcfg.dynamic_sampling else {}

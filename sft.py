@@ -298,15 +298,21 @@ def finetune(cfg: dict, log=print) -> dict:
         for step in range(run.start_step + 1, steps + 1):
             lr = run.set_lr(step)
             rows = order.next()[run.rank::run.world]  # this process's share of the step's rows
-            x, y = ids[rows].to(device), targets[rows].to(device)
-            docs = doc_ids[rows].to(device) if scfg.packing else None
-            with run.autocast:
-                loss, _ = run.train_model(x, y, docs)
-            scale = global_mean_scale(float((y != -100).sum()), device)  # the mean over every process's tokens
-            (loss * scale).backward()
+            local_tokens = float((targets[rows] != -100).sum())
+            scale = global_mean_scale(local_tokens, device)  # the mean over every process's tokens
+            parts, step_loss = run.micro_batches(len(rows)), 0.0
+            for i, part in enumerate(parts):
+                x, y = ids[rows[part]].to(device), targets[rows[part]].to(device)
+                docs = doc_ids[rows[part]].to(device) if scfg.packing else None
+                share = float((y != -100).sum()) / local_tokens  # this micro-batch's part of the mean
+                with run.grad_sync(i == len(parts) - 1):
+                    with run.autocast:
+                        loss, _ = run.train_model(x, y, docs)
+                    (loss * share * scale).backward()
+                step_loss += loss.item() * share
+                trained_tokens += int((x != pad_id).sum())
             grad_norm = run.clip_and_step()
-            trained_tokens += int((x != pad_id).sum())
-            step_loss = all_reduce_mean(loss.item() * scale, device)
+            step_loss = all_reduce_mean(step_loss * scale, device)
             run.end_step(step, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm},
                          f"loss {step_loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f}", {"order": order.state_dict()})
         seconds = time.time() - t0

@@ -63,7 +63,8 @@ def test_sft_rows_render_and_mask_exactly_what_the_assistant_wrote(small_data, t
         assert enc.decode(ids) == "".join(text for text, _ in chat_segments(messages, tools=row_tools))
         assert enc.decode([t for t, m in zip(ids, mask) if m]) == "".join(written)
     # the built-in tasks exported to the format read back as the same conversations
-    exported = posttrain.export_builtin("sft", tmp_path / "tasks.jsonl", 9, seed=4)
+    # into a folder that does not exist yet (data_cache/ on a fresh clone)
+    exported = posttrain.export_builtin("sft", tmp_path / "new" / "tasks.jsonl", 9, seed=4)
     examples = posttrain.make_examples(9, seed=4, exclude={e.question for e in posttrain.held_out_examples(50)})
     assert [m for m, _ in load_conversations(exported)] == [
         [{"role": "user", "content": e.question}, {"role": "assistant", "content": e.answer}] for e in examples]
@@ -284,3 +285,52 @@ def test_a_run_started_from_a_hugging_face_folder_feeds_the_next_stage(small_dat
     model, loaded_enc, _ = load_model(str(tmp_path / "from-hf"))
     text = "def add(a, b):\n    return a + b\n"
     assert loaded_enc.encode(text) == enc.encode(text) and model.cfg.vocab_size == TEST_VOCAB
+
+
+def test_micro_batches_train_exactly_as_the_whole_batch_in_sft_dpo_and_grpo(small_data, tmp_path):
+    """run.micro_batch cuts each process's share of a step into forwards of a few rows, weighting
+    each micro-batch's loss by its share of the step's mean: the weights, the logged losses and the
+    gradient norms equal the one-forward step's (up to float32 rounding: a margin is a difference of sums of log-probs)."""
+    base = save_start(tiny_model(), small_data[0], tmp_path / "base")
+    common = [f"--run.init={base}", f"--run.out_dir={tmp_path}", "--run.threads=1", "--optim.warmup_steps=1",
+              "--run.eval_max_new_tokens=4"]
+    stages = {
+        "sft": (sft.finetune, sft.load_config, ["--sft.train_examples=24", "--sft.eval_examples=0",
+                                                 "--sft.seq_len=256", "--sft.rows_per_step=5", "--sft.epochs=1.0"]),
+        "dpo": (dpo.preference_train, dpo.load_config, ["--dpo.pairs=off_policy", "--dpo.prompts=10",
+                                                          "--dpo.pairs_per_step=5", "--dpo.epochs=1.0",
+                                                          "--dpo.eval_examples=0"]),
+    }
+    for stage, (run_stage, load_config, args) in stages.items():
+        for micro in (0, 2):  # 2 does not divide 5 rows or 6 completions: a short last micro-batch
+            cfg = load_config(None, [*common, *args, f"--run.name={stage}-{micro}", f"--run.micro_batch={micro}"])
+            run_stage(cfg, log=lambda *a: None)
+        whole, micro = (rows(tmp_path / f"{stage}-{m}", drop=("seconds",)) for m in (0, 2))
+        assert len(whole) == len(micro) >= 2
+        for a, b in zip(whole, micro):
+            assert a.keys() == b.keys()
+            assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a), (stage, a, b)
+        states = [torch.load(sorted((tmp_path / f"{stage}-{m}").glob("ckpt_*"))[-1] / "state.pt") for m in (0, 2)]
+        for k, w in states[0]["model"].items():
+            torch.testing.assert_close(states[1]["model"][k], w, rtol=1e-4, atol=1e-6, msg=f"{stage} {k}")
+
+    # GRPO's update (sampling aside), for each aggregation, with SGD: any mis-weighting shows in the weights
+    g = torch.Generator().manual_seed(0)
+    ids, targets = torch.randint(0, TEST_VOCAB, (6, 20), generator=g), torch.randint(0, TEST_VOCAB, (6, 20), generator=g)
+    for r, n in enumerate([3, 15, 7, 11, 2, 9]):  # completions of unequal lengths
+        targets[r, :20 - n] = -100
+    rollouts = rl.Rollouts(ids, targets, [[1]] * 6, torch.ones(6), torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool), 6)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.0, 2.0, -0.75])
+    for aggregation in rl.AGGREGATIONS:
+        cfg = rl.RLConfig(group_size=3, updates_per_batch=2, aggregation=aggregation, kl_beta=0.1, overlong_filter=True)
+        trained = []
+        for micro in (0, 4):
+            model = tiny_model()
+            ref = tiny_model(seed=1)
+            out = rl.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.5), rollouts, advantages, cfg,
+                                   ref=ref, micro_batch=micro)
+            trained.append((out, model.state_dict()))
+        (whole, w0), (micro, w1) = trained
+        assert whole["grad_norm"] > 0 and micro == pytest.approx(whole, rel=1e-4, abs=1e-6), aggregation
+        for k in w0:
+            torch.testing.assert_close(w1[k], w0[k], rtol=1e-5, atol=1e-6, msg=f"{aggregation} {k}")
