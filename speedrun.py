@@ -727,8 +727,9 @@ def render_report(p: Pipeline) -> str:
             if not aims:
                 continue
             side = [t for m, (v, t) in judged.items() if m not in targets and v != "within noise"]
-            helped = any(v == "better" for v, _ in aims)
-            head = "helps" if helped else "**does not help beyond noise at this size**"
+            helped, hurt = any(v == "better" for v, _ in aims), any(v == "worse" for v, _ in aims)
+            head = ("helps and hurts" if hurt else "helps") if helped else \
+                "**makes it worse beyond noise**" if hurt else "**does not help beyond noise at this size**"
             lines.append(f"- **{results[key]['label']}** vs {results[base]['label']}: {head} on what it aims at "
                          f"({'; '.join(f'{t}: {v}' for v, t in aims)})"
                          + (f". Other changes beyond noise: {'; '.join(side)}" if side else ". Nothing else moved "

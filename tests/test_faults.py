@@ -90,6 +90,9 @@ def _child(module, request: dict) -> None:
     torch takes ~2 s, which would be most of this file's time."""
     code = 1
     try:
+        # as `python <command>.py` from a terminal: Ctrl-C raises KeyboardInterrupt (a shell starts a
+        # background job, `pytest &`, with SIGINT ignored, and Python then leaves it ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])
         for fd, path in ((1, request["out"]), (2, request["err"])):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
