@@ -226,7 +226,7 @@ def save_hf(model: Transformer, out_dir, enc: tiktoken.Encoding | None = None) -
 
 def _hf_model_config(config: dict, path: Path, overrides: dict) -> ModelConfig:
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path}/config.json describes a {config.get('model_type')!r} model; from_hf reads "
+        raise ValueError(f"{path}/config.json describes a {config.get('model_type')!r} model; load_hf reads "
                          f"'llama' models only (SmolLM2, Llama 2/3, checkpoints saved by save_hf)")
     d_model, n_heads = config["hidden_size"], config["num_attention_heads"]
     rope_scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
@@ -253,7 +253,7 @@ def load_hf(path, **overrides) -> Transformer:
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json; from_hf needs a Hugging Face model folder "
+        raise FileNotFoundError(f"{path} has no config.json; load_hf needs a Hugging Face model folder "
                                 f"(config.json + model.safetensors), e.g. one written by save_hf")
     try:
         config = json.loads(config_file.read_text())

@@ -1,7 +1,10 @@
 """The documentation holds together: README.md is a short front page, its layout table names files that
 exist, and every relative link in README.md, docs/*.md and benchmarks/README.md reaches a file (and,
-for `page.md#anchor`, a heading of that page). Plain text parsing, no network, well under a second."""
+for `page.md#anchor`, a heading of that page), and every function or class docs/tour.md lists after a
+"`file.py`:" is defined in that file (read with ast, not imported). Plain text parsing, no network,
+well under a second."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -121,3 +124,127 @@ def test_layout_table_names_existing_files():
     # and every path.py the table mentions in its second column
     mentioned = {m for row in rows for m in re.findall(r"`([\w./-]+\.py)`", row)}
     assert not [m for m in mentioned if not (ROOT / m).exists()]
+
+
+# ---- the tour names the code as it is -------------------------------------------------------------
+
+TOUR = ROOT / "docs" / "tour.md"
+# `file.py`: then a list of `names`, each maybe followed by a (parenthesis), separated by ", " or "and"
+FILE_REF = re.compile(r"`([\w./-]+\.py)`:\s*")
+NAME_ITEM = re.compile(r"`([^`]+)`")
+SEPARATOR = re.compile(r",\s*(?:and\s+|or\s+)?|(?:and|or)\s+")
+DOTTED = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(.*\)|\[.*\])?$")   # name, a.b, f(x=1), t[sft]
+
+
+def tour_references(text: str) -> list[tuple[str, str]]:
+    """(file, name) for each name listed right after a "`file.py`:" in the tour's prose and tables:
+    backticked, separated by ", " or " and ", each maybe followed by a parenthesis, which is skipped
+    (it holds config keys and notes). Items that are no Python name (`attn_type = "mla"`) are left out."""
+    refs = []
+    for line in prose_lines(text):
+        for m in FILE_REF.finditer(line):
+            i = m.end()
+            while True:
+                item = NAME_ITEM.match(line, i)
+                if not item:
+                    break
+                name = DOTTED.match(item.group(1))
+                if name:
+                    refs.append((m.group(1), name.group(1)))
+                i = item.end()
+                while i < len(line) and line[i] == " ":
+                    i += 1
+                if line.startswith("(", i):   # skip a balanced parenthesis
+                    depth = 0
+                    for j in range(i, len(line)):
+                        depth += {"(": 1, ")": -1}.get(line[j], 0)
+                        if depth == 0:
+                            break
+                    i = j + 1
+                sep = SEPARATOR.match(line, i)
+                if not sep or not line.startswith("`", sep.end()):
+                    break
+                i = sep.end()
+    return refs
+
+
+def module_names(path: Path) -> dict[str, set[str] | None]:
+    """A module's top-level names, read with ast: each class maps to its members (methods, class
+    attributes and dataclass fields, self.x set in its methods, and those of base classes defined in
+    the same file); other names map to None. Imported names do not count: the tour names the file
+    that defines each one."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+
+    def targets(node) -> list[str]:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            return [node.name]
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            ts = node.targets if isinstance(node, ast.Assign) else [node.target]
+            return [n.id for t in ts for n in ast.walk(t) if isinstance(n, ast.Name)]
+        if isinstance(node, (ast.If, ast.Try)):   # try: ... / except: x = None
+            body = node.body + node.orelse + getattr(node, "finalbody", [])
+            body += [s for h in getattr(node, "handlers", []) for s in h.body]
+            return [n for s in body for n in targets(s)]
+        return []
+
+    names: dict[str, set[str] | None] = {}
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    for node in tree.body:
+        for n in targets(node):
+            names.setdefault(n, None)
+
+    def members(cls: ast.ClassDef, seen=()) -> set[str]:
+        out = {n for stmt in cls.body for n in targets(stmt)}
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id == "self":
+                out.add(node.attr)
+        for base in cls.bases:
+            if isinstance(base, ast.Name) and base.id in classes and base.id not in seen:
+                out |= members(classes[base.id], (*seen, cls.name))
+        return out
+
+    for name, cls in classes.items():
+        names[name] = members(cls)
+    return names
+
+
+def unresolved(refs: list[tuple[str, str]]) -> list[str]:
+    missing, parsed = [], {}
+    for file, name in refs:
+        path = ROOT / file
+        if not path.is_file():
+            missing.append(f"{file}: {name} (no such file)")
+            continue
+        names = parsed.setdefault(file, module_names(path))
+        top, *rest = name.split(".")
+        ok = top in names and (not rest or (len(rest) == 1 and names[top] is not None and rest[0] in names[top]))
+        if not ok:
+            missing.append(f"{file}: {name}")
+    return missing
+
+
+def test_tour_reference_parser():
+    line = ("| x | `a.py`: `f`, `C.m` (`--run.x`, `g`), `h(k=1)`; `not_listed` | `tests/t.py`: `test_a[b]` "
+            "and `test_c` | `b.py`: `key = 1`, `ok` | `c.py` (`skipped`) | `d.py`: `outer` (s (x) by `e.py`: "
+            "`inner`), `after` |")
+    assert tour_references(line) == [("a.py", "f"), ("a.py", "C.m"), ("a.py", "h"),
+                                     ("tests/t.py", "test_a"), ("tests/t.py", "test_c"), ("b.py", "ok"),
+                                     ("d.py", "outer"), ("d.py", "after"), ("e.py", "inner")]
+    # a dataclass field, an inherited method, an attribute set in __init__ resolve
+    assert not unresolved([("model.py", "ModelConfig.tie_embeddings"), ("attention.py", "StreamingKVCache.update"),
+                           ("attention.py", "KVCache.recent"), ("tests/test_docs.py", "test_tour_names_resolve")])
+    # an imported name, a missing member, a member of a function, a missing file do not
+    assert unresolved([("sft.py", "chat_segments"), ("model.py", "ModelConfig.no_such_field"),
+                       ("model.py", "count_params.x"), ("no_such_file.py", "f")]) == [
+        "sft.py: chat_segments", "model.py: ModelConfig.no_such_field", "model.py: count_params.x",
+        "no_such_file.py: f (no such file)"]
+
+
+def test_tour_names_resolve():
+    """Every name a tour cell lists after "`file.py`:" is defined in that file: a top-level def, class
+    or assignment, or Class.member (method, attribute, dataclass field). Parsed, not imported."""
+    refs = tour_references(TOUR.read_text(encoding="utf-8"))
+    assert len(refs) > 100, f"the tour lists only {len(refs)} file: name references; did its format change?"
+    missing = unresolved(refs)
+    assert not missing, "docs/tour.md names what its file does not define:\n" + "\n".join(missing)
