@@ -403,6 +403,14 @@ def global_mean_scale(local_count: float, device: torch.device) -> float:
     return dist.get_world_size() * local_count / max(total, 1e-12)
 
 
+def micro_slices(n: int, size: int) -> list[slice]:
+    """n items of a step cut into slices of `size` (0: one slice), one forward and backward each:
+    memory is bounded by the micro-batch (a 1B model's 16 x 4096 rows do not fit at once), and the
+    step is the same, since each slice's loss is weighted by its share of the step's mean."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 class EpochOrder:
     """Batches of indices over n items: a fresh seeded shuffle each epoch, a partial last batch
     dropped. Its state is two integers and the generator, saved in every checkpoint."""
@@ -509,11 +517,8 @@ class PostTrainRun:
         return lr
 
     def micro_batches(self, n: int) -> list[slice]:
-        """This process's n items of a step cut into run.micro_batch-sized slices, one forward and
-        backward each: memory is bounded by the micro-batch (a 1B model's 16 x 4096 rows do not fit at
-        once), the step is the same, since each slice's loss is weighted by its share of the step's."""
-        size = self.cfg["run"].micro_batch or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        """This process's n items of a step in run.micro_batch-sized slices (`micro_slices`)."""
+        return micro_slices(n, self.cfg["run"].micro_batch)
 
     def grad_sync(self, last: bool):
         """The context of a micro-batch's backward: gradients are reduced across processes only after

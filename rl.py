@@ -50,7 +50,7 @@ from generate import generate
 from optim import OptimConfig
 from posttrain import (MODES, TASKS, VERIFIERS, Example, PostTrainRun, RunConfig, accuracy, accuracy_table, check_answer,
                        diverged, follows_mode, global_mean_scale, held_out_examples, interval95, load_prompts,
-                       make_examples, mean_of, prompt_ids, run_stage, strip_think)
+                       make_examples, mean_of, micro_slices, prompt_ids, run_stage, strip_think)
 from sft import make_rows
 from tokenizer import eot_id, special_id
 
@@ -322,8 +322,7 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, roll
         return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "kl": 0.0, "skipped": 1.0}
     autocast = autocast or torch.autocast(device.type, enabled=False)
     grad_sync = grad_sync or (lambda last: contextlib.nullcontext())
-    rows = rollouts.ids.shape[0]
-    parts = [slice(i, min(i + (micro_batch or rows), rows)) for i in range(0, rows, micro_batch or rows)]
+    parts = micro_slices(rollouts.ids.shape[0], micro_batch)
     # log-probs at the sampling temperature, the distribution that drew the completions (as TRL's GRPOTrainer)
     with torch.no_grad(), autocast:
         old = torch.cat([model(rollouts.ids[p], rollouts.targets[p], logprobs=True, temperature=cfg.temperature)
